@@ -1,0 +1,3 @@
+"""uae-ray: Utility-Aligned Embeddings on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,368 @@
+"""One frozen config model per stage, loadable from YAML and overridable from the command line.
+
+A config file holds one section per stage, named as the stage's subcommand, plus optional top-level ``run_dir``
+and ``address``::
+
+    run_dir: runs/qasper
+    prepare: {format: qasper, inputs: [{split: train, path: ../shared/data/qasper/qasper-train-v0.3.json}]}
+    label: {batch_size: 16, max_actors: 2}
+
+Overrides use dotted keys relative to the stage section (``--set batch_size=16`` or ``--set lora.r=8``); values are
+parsed as YAML scalars. Everything is validated on the driver, before any Ray work starts; a bad key or value is a
+:class:`ConfigError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+C = TypeVar("C", bound="StageConfig")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and field."""
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------------------- prepare
+class InputSpec(StageConfig):
+    """One input file, optionally tagged with the split all its records belong to."""
+
+    path: str
+    split: Literal["train", "dev", "test"] | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> InputSpec:
+        """Parse ``PATH`` or ``SPLIT=PATH`` as given on the command line."""
+        split, sep, path = text.partition("=")
+        if sep and split in ("train", "dev", "test"):
+            return cls(path=path, split=split)  # type: ignore[arg-type]
+        return cls(path=text)
+
+
+class SplitRatios(StageConfig):
+    """Fractions of documents per split, for sources whose records carry no split (by document, never by query)."""
+
+    train: float = 0.8
+    dev: float = 0.1
+    test: float = 0.1
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitRatios:
+        total = self.train + self.dev + self.test
+        if abs(total - 1.0) > 1e-6 or min(self.train, self.dev, self.test) < 0:
+            raise ValueError(f"split ratios must be >= 0 and sum to 1, got {total:.4f}")
+        return self
+
+
+class PrepareConfig(StageConfig):
+    """``uae-ray prepare``: raw QA data -> corpus.parquet + queries.parquet + prepare_report.json."""
+
+    format: Literal["qasper", "mrqa", "squad", "jsonl", "hf"]
+    inputs: list[InputSpec] = Field(default_factory=list)
+    hf_dataset: str | None = None  # e.g. allenai/qasper, used with format=hf (or to fetch any format's files)
+    hf_config: str | None = None
+    hf_layout: Literal["qasper", "squad", "generic"] = "generic"  # how the hub rows are laid out
+    tokenizer: str = "all-minilm-l6-v2"  # passages are windowed in this model's tokens
+    max_passage_tokens: int = Field(256, ge=16)
+    window_overlap: int = Field(32, ge=0)
+    split_ratios: SplitRatios = SplitRatios()
+    seed: int = 13
+    max_docs_per_split: int | None = Field(None, ge=1)  # deterministic sample of documents, for small runs
+
+    @model_validator(mode="after")
+    def _check(self) -> PrepareConfig:
+        if self.window_overlap >= self.max_passage_tokens:
+            raise ValueError("window_overlap must be smaller than max_passage_tokens")
+        if self.format == "hf" and not self.hf_dataset:
+            raise ValueError("format=hf needs hf_dataset (e.g. allenai/qasper)")
+        if self.format != "hf" and not self.inputs:
+            raise ValueError(f"format={self.format} needs at least one input (--input [SPLIT=]PATH)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------------------ mine
+class ActorPool(StageConfig):
+    """Size and resources of a Ray Data actor pool; it autoscales between min_size and max_size actors."""
+
+    min_size: int = Field(1, ge=1)
+    max_size: int = Field(2, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ActorPool:
+        if self.max_size < self.min_size:
+            raise ValueError("max_size must be >= min_size")
+        return self
+
+
+class MineConfig(StageConfig):
+    """``uae-ray mine``: candidate pools of K passages per query from the base encoder (+ optional reward mix)."""
+
+    encoder: str = "all-minilm-l6-v2"
+    pool_size: int = Field(50, ge=1)
+    scope: Literal["auto", "document", "corpus"] = "auto"  # auto: document-scoped when documents have >1 passage
+    splits: list[Literal["train", "dev", "test"]] = Field(default_factory=lambda: ["train", "dev", "test"])
+    reward_weight: float = Field(0.0, ge=0.0, le=1.0)  # >0 mixes teacher_scores.parquet into the pool ranking
+    pool: ActorPool = ActorPool(batch_size=64)
+
+
+# ----------------------------------------------------------------------------------------------------------- label
+class LabelConfig(StageConfig):
+    """``uae-ray label``: utility u(q,d) = mean log p(a|q,d) - mean log p(a|q) under the generator."""
+
+    generator: str = "smollm2-135m-instruct"
+    backend: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    prompt: Literal["extractive", "qasper", "custom"] = "extractive"
+    system_prompt: str | None = None  # required with prompt=custom
+    prompt_version: str = "v1"
+    answer_aggregate: Literal["first", "max", "mean"] = "max"
+    max_passage_tokens: int = Field(256, ge=8)  # passages are cut to this many generator tokens
+    max_model_len: int = Field(1024, ge=64)
+    splits: list[Literal["train", "dev", "test"]] = Field(default_factory=lambda: ["train", "dev", "test"])
+    pool: ActorPool = ActorPool(batch_size=16)
+    rows_per_part: int = Field(2048, ge=1)  # resumability granularity: one Parquet part per chunk of pairs
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelConfig:
+        if self.prompt == "custom" and not self.system_prompt:
+            raise ValueError("prompt=custom needs system_prompt")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------- train-reward
+class TrainScaling(StageConfig):
+    """Ray Train scaling: DDP over num_workers (gloo on CPU, NCCL on GPU)."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class TrainRewardConfig(StageConfig):
+    """``uae-ray train-reward``: cross-encoder r(q,d) fit on utilities (listwise KL + Huber)."""
+
+    base_model: str = "all-minilm-l6-v2"
+    max_length: int = Field(256, ge=16)
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(3e-5, gt=0)
+    queries_per_step: int = Field(4, ge=1)  # per worker; each query brings its group of candidates
+    group_size: int = Field(16, ge=2)  # candidates per query per step (sampled from the pool)
+    tau: float = Field(1.0, gt=0)  # temperature of the listwise target over standardised utilities
+    huber_weight: float = Field(0.5, ge=0)
+    heldout_fraction: float = Field(0.1, ge=0, lt=1)  # of training documents, for Spearman / NDCG
+    seed: int = 13
+    scaling: TrainScaling = TrainScaling()
+
+
+class ScoreRewardConfig(StageConfig):
+    """``uae-ray score-reward``: every candidate scored by the reward model -> teacher_scores.parquet."""
+
+    max_length: int = Field(256, ge=16)
+    pool: ActorPool = ActorPool(batch_size=64)
+
+
+# --------------------------------------------------------------------------------------------------- train-encoder
+class LoraConfig(StageConfig):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+
+
+class TrainEncoderConfig(StageConfig):
+    """``uae-ray train-encoder``: the student bi-encoder, distilled from the teacher (or gold-only InfoNCE)."""
+
+    base_model: str = "all-minilm-l6-v2"
+    loss: Literal["uae", "infonce", "kl"] = "uae"
+    output: str = "encoder"  # directory name in the run dir (the ablation writes encoder_infonce)
+    tau_s: float = Field(0.05, gt=0)
+    tau_t: float = Field(1.0, gt=0)
+    n_hard_negatives: int = Field(7, ge=0)
+    gold_mix: float = Field(0.5, ge=0, le=1)  # teacher target = (1-mix) softmax(r/tau_t) + mix * gold one-hot
+    useful_quantile: float = Field(0.9, gt=0, le=1)  # teacher scores above this pool quantile are never negatives
+    in_batch_negatives: bool = True
+    max_query_length: int = Field(64, ge=8)
+    max_passage_length: int = Field(256, ge=16)
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    queries_per_step: int = Field(8, ge=1)  # per worker
+    lora: LoraConfig | None = None
+    seed: int = 13
+    scaling: TrainScaling = TrainScaling()
+
+
+# ----------------------------------------------------------------------------------------------------------- index
+class IndexConfig(StageConfig):
+    """``uae-ray index``: encode the corpus and build S shards of a FAISS index."""
+
+    encoder: str = "run:encoder"  # run:<dir> is a model directory in the run dir; else a registry name/id/path
+    factory: str = "Flat"  # Flat, IVF{n},Flat, IVF{n},PQ{m}, HNSW{m}
+    num_shards: int = Field(2, ge=1)
+    train_sample: int = Field(100_000, ge=1)
+    use_gpu: bool = False
+    pool: ActorPool = ActorPool(batch_size=64)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"Flat|IVF\d+,Flat|IVF\d+,PQ\d+(x\d+)?|HNSW\d+(,Flat)?", v):
+            raise ValueError(f"unsupported factory {v!r}: use Flat, IVF{{n}},Flat, IVF{{n}},PQ{{m}} or HNSW{{m}}")
+        return v
+
+
+# -------------------------------------------------------------------------------------------------------- evaluate
+class EvaluateConfig(StageConfig):
+    """``uae-ray evaluate``: every system in the pool and open-retrieval settings -> eval/report.{json,md,png}."""
+
+    split: Literal["train", "dev", "test"] = "dev"
+    systems: list[str] = Field(
+        default_factory=lambda: ["bm25", "base", "infonce", "uae", "reward_rerank", "upr", "rankgpt"]
+    )
+    settings: list[Literal["pool", "open"]] = Field(default_factory=lambda: ["pool", "open"])
+    max_queries: int | None = Field(None, ge=1)
+    llm_rerank_max_queries: int | None = Field(50, ge=1)  # LLM re-rankers are slow on CPU: a subset, stated
+    generate: bool = True  # Token F1 / ROUGE-L of the generator's greedy answer on the top-1 context
+    generate_max_queries: int | None = Field(100, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    ks: list[int] = Field(default_factory=lambda: [1, 3, 5, 10])
+    label_on_demand: bool = True  # ExpUtil@k: unlabeled top-k pairs are labeled with the same generator/prompt
+
+
+# ----------------------------------------------------------------------------------------------------------- serve
+class ServeConfig(StageConfig):
+    """``uae-ray serve``: QueryEncoder -> IndexShard x S -> Retriever ingress."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    encoder: str = "run:encoder"
+    shard_replicas: int = Field(1, ge=1)
+    encoder_replicas: int = Field(1, ge=1)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_k: int = Field(100, ge=1)
+    token_env: str = "UAE_RAY_TOKEN"  # bearer token read from this environment variable, if set
+
+
+class PipelineConfig(StageConfig):
+    """``uae-ray run``: every stage's section; absent sections take defaults."""
+
+    prepare: PrepareConfig
+    mine: MineConfig = MineConfig()
+    label: LabelConfig = LabelConfig()
+    train_reward: TrainRewardConfig = Field(TrainRewardConfig(), alias="train-reward")
+    score_reward: ScoreRewardConfig = Field(ScoreRewardConfig(), alias="score-reward")
+    train_encoder: TrainEncoderConfig = Field(TrainEncoderConfig(), alias="train-encoder")
+    train_encoder_ablation: TrainEncoderConfig | None = Field(
+        TrainEncoderConfig(loss="infonce", output="encoder_infonce"), alias="train-encoder-ablation"
+    )
+    index: IndexConfig = IndexConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {
+    "prepare": PrepareConfig,
+    "mine": MineConfig,
+    "label": LabelConfig,
+    "train-reward": TrainRewardConfig,
+    "score-reward": ScoreRewardConfig,
+    "train-encoder": TrainEncoderConfig,
+    "index": IndexConfig,
+    "evaluate": EvaluateConfig,
+    "serve": ServeConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------------------- loading
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The YAML file as a dict ({} when no file). Errors name the file."""
+    if path is None:
+        return {}
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{p}: config file not found") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of stage sections")
+    return data
+
+
+def apply_overrides(section: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``section`` with ``key.sub=value`` overrides applied (values parsed as YAML)."""
+    out: dict[str, Any] = _deep_copy(section)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def build_config(
+    cls: type[C], section: dict[str, Any], *, source: str, overrides: list[str] | None = None
+) -> C:
+    """Validate one stage section (after overrides) into its frozen model; errors name source and field."""
+    data = apply_overrides(section, overrides or [])
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "<section>"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid {cls.__name__}:\n" + "\n".join(lines)) from e
+
+
+def load_stage_config(
+    cls: type[C], stage: str, config_file: str | Path | None, overrides: list[str] | None = None
+) -> C:
+    """Load the ``stage`` section of ``config_file`` (may be absent) with overrides, validated."""
+    data = read_config_file(config_file)
+    section = data.get(stage) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{config_file}: section {stage!r} must be a mapping")
+    source = f"{config_file or '<defaults>'} [{stage}]"
+    return build_config(cls, section, source=source, overrides=overrides)
+
+
+def load_pipeline_config(config_file: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """The whole pipeline's config; overrides are ``stage.key=value``."""
+    data = read_config_file(config_file)
+    data = {k: v for k, v in data.items() if k not in ("run_dir", "address", "num_cpus")}
+    return build_config(PipelineConfig, data, source=str(config_file), overrides=overrides)

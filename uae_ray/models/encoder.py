@@ -1,0 +1,82 @@
+"""Bi-encoder: load, and encode text to L2-normalised vectors (mean pooling, as the model's own modules define).
+
+Models only encode: losses live in :mod:`uae_ray.losses`, training in :mod:`uae_ray.training`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from uae_ray.models.registry import ModelNotFoundError, resolve
+
+
+@functools.lru_cache(maxsize=4)
+def load_encoder(name: str, device: str = "cpu"):  # noqa: ANN201 - SentenceTransformer
+    """A ``SentenceTransformer`` for ``name`` (registry name, local dir, or hub id), once per process.
+
+    A plain transformers checkpoint without sentence-transformers modules gets mean pooling; the output is always
+    L2-normalised by :func:`encode`.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    ref = resolve(name)
+    if ref.gguf_file is not None:
+        raise ModelNotFoundError(f"{name}: a GGUF generator is not an encoder")
+    try:
+        model = SentenceTransformer(ref.path, device=device)
+    except OSError as e:
+        raise ModelNotFoundError(f"{name}: could not load encoder ({e})") from e
+    model.eval()
+    return model
+
+
+def encode(
+    model: Any, texts: list[str], *, batch_size: int = 64, max_length: int | None = None, bf16: bool = False
+) -> np.ndarray:
+    """Encode ``texts`` to a float32 array [n, dim] of unit vectors.
+
+    Args:
+        model: a SentenceTransformer.
+        texts: strings to encode.
+        batch_size: texts per forward pass.
+        max_length: truncate to this many tokens (default: the model's own limit).
+        bf16: autocast to bfloat16 on CPU (about 2x faster; cosine to fp32 >= 0.9999 on MiniLM).
+    """
+    import torch
+
+    if max_length is not None:
+        model.max_seq_length = max_length
+    if not texts:
+        return np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
+    device_type = "cuda" if str(model.device).startswith("cuda") else "cpu"
+    with torch.inference_mode(), torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
+        emb = model.encode(
+            texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+        )
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+class EncodeBatch:
+    """Ray Data callable class: adds an ``embedding`` column (list<float32>) encoding ``text_column``.
+
+    The model is loaded once per actor in ``__init__``; use with ``map_batches(EncodeBatch, fn_constructor_kwargs=
+    {...}, compute=ray.data.ActorPoolStrategy(...))``.
+    """
+
+    def __init__(self, encoder: str, text_column: str = "text", max_length: int | None = None, bf16: bool = True):
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_encoder(encoder, device)
+        self.text_column = text_column
+        self.max_length = max_length
+        self.bf16 = bf16 and device == "cpu"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = [str(t) for t in batch[self.text_column]]
+        emb = encode(self.model, texts, batch_size=len(texts), max_length=self.max_length, bf16=self.bf16)
+        batch["embedding"] = list(emb)
+        return batch
