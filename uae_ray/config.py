@@ -77,12 +77,13 @@ class PrepareConfig(StageConfig):
     window_overlap: int = Field(32, ge=0)
     split_ratios: SplitRatios = SplitRatios()
     seed: int = 13
-    max_docs_per_split: int | None = Field(None, ge=1)  # deterministic sample of documents, for small runs
+    max_docs_per_split: int | None = Field(None, ge=1)  # first N documents of each split, for small runs
+    require_gold: bool = True  # questions whose gold passage cannot be resolved are skipped (counted by reason)
 
     @model_validator(mode="after")
     def _check(self) -> PrepareConfig:
-        if self.window_overlap >= self.max_passage_tokens:
-            raise ValueError("window_overlap must be smaller than max_passage_tokens")
+        if 2 * self.window_overlap > self.max_passage_tokens:
+            raise ValueError("window_overlap must be at most half of max_passage_tokens")
         if self.format == "hf" and not self.hf_dataset:
             raise ValueError("format=hf needs hf_dataset (e.g. allenai/qasper)")
         if self.format != "hf" and not self.inputs:
