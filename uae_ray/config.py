@@ -211,8 +211,10 @@ class IndexConfig(StageConfig):
     encoder: str = "run:encoder"  # run:<dir> is a model directory in the run dir; else a registry name/id/path
     factory: str = "Flat"  # Flat, IVF{n},Flat, IVF{n},PQ{m}, HNSW{m}
     num_shards: int = Field(2, ge=1)
-    train_sample: int = Field(100_000, ge=1)
-    use_gpu: bool = False
+    train_sample: int = Field(100_000, ge=1)  # rows that train the IVF quantizer (once, cloned into every shard)
+    nprobe: int | None = Field(None, ge=1)  # IVF lists probed per query (default min(nlist, 32)); in the manifest
+    ef_search: int | None = Field(None, ge=1)  # HNSW efSearch (default 64); in the manifest
+    use_gpu: bool | Literal["auto"] = "auto"  # auto: faiss-gpu when faiss sees a GPU (HNSW always builds on CPU)
     pool: ActorPool = ActorPool(batch_size=64)
 
     @field_validator("factory")
