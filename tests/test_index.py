@@ -137,7 +137,7 @@ def test_bad_inputs_name_the_problem(tmp_path, data):
 
 
 def test_load_missing_index_names_the_file(tmp_path):
-    with pytest.raises(ValueError, match="manifest.json"):
+    with pytest.raises(ValueError, match=r"manifest\.json"):
         ShardedIndex.load(tmp_path)
 
 

@@ -49,7 +49,9 @@ def shard_file(shard: int) -> str:
 def faiss_factory(factory: str) -> str:
     """The faiss ``index_factory`` string for a project factory string (``IDMap,`` added where ids need it)."""
     if not _FACTORY.match(factory):
-        raise IndexBuildError(f"unsupported factory {factory!r}: use Flat, IVF{{n}},Flat, IVF{{n}},PQ{{m}} or HNSW{{m}}")
+        raise IndexBuildError(
+            f"unsupported factory {factory!r}: use Flat, IVF{{n}},Flat, IVF{{n}},PQ{{m}} or HNSW{{m}}"
+        )
     return factory if factory.startswith("IVF") else f"IDMap,{factory}"
 
 
