@@ -164,6 +164,8 @@ class TrainRewardConfig(StageConfig):
     tau: float = Field(1.0, gt=0)  # temperature of the listwise target over standardised utilities
     huber_weight: float = Field(0.5, ge=0)
     heldout_fraction: float = Field(0.1, ge=0, lt=1)  # of training documents, for Spearman / NDCG
+    eval_max_queries: int = Field(200, ge=1)  # per evaluated split (held-out, dev), for the report
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at epoch ends only
     seed: int = 13
     scaling: TrainScaling = TrainScaling()
 
@@ -177,9 +179,12 @@ class ScoreRewardConfig(StageConfig):
 
 # --------------------------------------------------------------------------------------------------- train-encoder
 class LoraConfig(StageConfig):
+    """LoRA adapter on the student's transformer (peft), merged into the weights when the model is saved."""
+
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: peft's default for the architecture (BERT: query, value)
 
 
 class TrainEncoderConfig(StageConfig):
@@ -200,6 +205,8 @@ class TrainEncoderConfig(StageConfig):
     lr: float = Field(2e-5, gt=0)
     queries_per_step: int = Field(8, ge=1)  # per worker
     lora: LoraConfig | None = None
+    splits: list[Literal["train", "dev", "test"]] = Field(default_factory=lambda: ["train"])  # queries trained on
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at epoch ends only
     seed: int = 13
     scaling: TrainScaling = TrainScaling()
 

@@ -1,0 +1,79 @@
+"""``uae-ray train-encoder``: distil the teacher into the student bi-encoder with Ray Train (or, with loss=infonce,
+train the gold-only ablation) -> <output>/ (a SentenceTransformer directory), <output>_report.json,
+<output>_train_loss.png."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+
+from uae_ray.config import TrainEncoderConfig
+from uae_ray.data.schema import CANDIDATES, CORPUS, QUERIES, TEACHER_SCORES
+from uae_ray.losses import EncoderLoss
+from uae_ray.runtime import RunDir, ensure_ray
+from uae_ray.training.data import build_encoder_examples
+from uae_ray.training.loop import encoder_train_loop, make_trainer
+from uae_ray.training.report import loss_curve_png
+
+log = logging.getLogger("uae_ray")
+
+
+def report_name(output: str) -> str:
+    """Run-dir file name of the report of the model written to ``output``."""
+    return f"{output}_report.json"
+
+
+def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
+    out = cfg.output
+    if run_dir.dir_complete(out) and run_dir.exists(report_name(out)):
+        report = run_dir.read_json(report_name(out))
+        return {"skipped": f"{out}/ and {report_name(out)} exist", "steps": report.get("steps")}
+    queries, corpus = run_dir.read_table(QUERIES), run_dir.read_table(CORPUS)
+    candidates = run_dir.read_table(CANDIDATES)
+    needs_teacher = EncoderLoss(cfg.loss) is not EncoderLoss.INFONCE
+    teacher = run_dir.read_table(TEACHER_SCORES) if run_dir.exists(TEACHER_SCORES) else None
+    if needs_teacher and teacher is None:
+        raise FileNotFoundError(
+            f"{run_dir.path(TEACHER_SCORES)} not found: loss={cfg.loss} needs teacher scores (run score-reward first)"
+        )
+    examples, counts = build_encoder_examples(
+        queries, corpus, candidates, teacher, n_hard_negatives=cfg.n_hard_negatives,
+        useful_quantile=cfg.useful_quantile, splits=tuple(cfg.splits),
+    )
+    if not examples:
+        raise ValueError(f"{run_dir.uri}: no training query of splits {cfg.splits} has a gold passage and a pool "
+                         f"(counts: {counts})")
+    log.info("train-encoder (%s): %d queries; %s", cfg.loss, len(examples), counts)
+
+    t0 = time.perf_counter()
+    if not run_dir.dir_complete(out):
+        ensure_ray()
+        loop_config = {
+            "cfg": cfg.model_dump(), "examples": [asdict(e) for e in examples], "run_dir": run_dir.uri,
+            "output": out, "checkpoint_every": cfg.checkpoint_every_steps,
+        }
+        make_trainer(encoder_train_loop, loop_config, cfg.scaling, run_dir, f"train_encoder-{out}").fit()
+    train_s = time.perf_counter() - t0
+    state = json.loads((run_dir.fetch_dir(out) / "training.json").read_text())["state"]
+    history = state["history"]
+    plot = f"{out}_train_loss.png"
+    run_dir.write_bytes(plot, loss_curve_png(history, f"student ({cfg.loss})", state["resumed_from"]))
+    report = {
+        "base_model": cfg.base_model,
+        "loss": cfg.loss,
+        "output": out,
+        "examples": counts,
+        "teacher_scores": teacher is not None,
+        "steps": state["global_step"],
+        "resumed_from_step": state["resumed_from"],
+        "first_loss": history[0]["loss"] if history else None,
+        "last_loss": history[-1]["loss"] if history else None,
+        "train_seconds": round(train_s, 1),
+        "loss_plot": plot,
+        "config": cfg.model_dump(),
+    }
+    run_dir.write_json(report_name(out), report)
+    return {k: report[k] for k in ("output", "loss", "examples", "steps", "resumed_from_step", "first_loss",
+                                   "last_loss")}
