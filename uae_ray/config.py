@@ -133,13 +133,18 @@ class LabelConfig(StageConfig):
     max_passage_tokens: int = Field(256, ge=8)  # passages are cut to this many generator tokens
     max_model_len: int = Field(1024, ge=64)
     splits: list[Literal["train", "dev", "test"]] = Field(default_factory=lambda: ["train", "dev", "test"])
-    pool: ActorPool = ActorPool(batch_size=16)
+    pool: ActorPool = ActorPool(batch_size=16)  # batch_size: sequences per forward pass inside an actor
+    rows_per_batch: int = Field(64, ge=1)  # pairs per actor call (sorted by length inside, then batched)
     rows_per_part: int = Field(2048, ge=1)  # resumability granularity: one Parquet part per chunk of pairs
+    enable_prefix_caching: bool = True  # vllm backend (vLLM bypasses the cache for prompt_logprobs requests)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vllm backend, GPU only
 
     @model_validator(mode="after")
     def _check(self) -> LabelConfig:
         if self.prompt == "custom" and not self.system_prompt:
             raise ValueError("prompt=custom needs system_prompt")
+        if self.prompt != "custom" and self.system_prompt:
+            raise ValueError(f"system_prompt is only used with prompt=custom (prompt is {self.prompt!r})")
         return self
 
 

@@ -83,3 +83,28 @@ INDEX_IDS_SCHEMA = pa.schema(
         pa.field("shard", pa.int32(), nullable=False),
     ]
 )
+
+# ------------------------------------------------------------------------------------------- labeling (resumability)
+LABEL_SKIPPED = "utilities_skipped"  # a directory of Parquet parts: pairs that could not be labeled, with the reason
+LABEL_BASELINE = "label_baseline.parquet"  # no-passage log-probs, once per (query, answer)
+
+LABEL_SKIPPED_SCHEMA = pa.schema(
+    [
+        pa.field("qid", pa.string(), nullable=False),
+        pa.field("pid", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),  # empty_answer | prompt_too_long
+        pa.field("generator", pa.string(), nullable=False),
+        pa.field("prompt_version", pa.string(), nullable=False),
+    ]
+)
+
+LABEL_BASELINE_SCHEMA = pa.schema(
+    [
+        pa.field("qid", pa.string(), nullable=False),
+        pa.field("answers", pa.list_(pa.string()), nullable=False),  # the answers scored (empty ones removed)
+        pa.field("logp", pa.list_(pa.float32()), nullable=False),  # mean log p(answer_j | q); NaN: too long
+        pa.field("n_tokens", pa.list_(pa.int32()), nullable=False),  # answer tokens of answer_j
+        pa.field("generator", pa.string(), nullable=False),
+        pa.field("prompt_version", pa.string(), nullable=False),
+    ]
+)

@@ -1,0 +1,197 @@
+"""Labeling: prompts, the HF scorer against an unbatched forward pass, answer aggregates, skips, label_pairs_local."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from uae_ray.config import ConfigError, LabelConfig, build_config
+from uae_ray.data.schema import UTILITIES_SCHEMA
+from uae_ray.labeling.pipeline import aggregate_answers, label_pairs_local, label_pairs_with_skips, usable_answers
+from uae_ray.labeling.prompts import PROMPTS, build_messages, prompt_version_for, system_prompt_for
+from uae_ray.labeling.scorers import SKIP_EMPTY_ANSWER, SKIP_TOO_LONG, HFScorer, ScoreItem
+
+GEN = "smollm2-135m-instruct"
+MOON = (
+    "Neil Armstrong was an American astronaut. On 20 July 1969, as commander of Apollo 11, he became the first "
+    "person to walk on the Moon."
+)
+PARIS = "Paris is the capital and largest city of France, on the river Seine."
+RIVER = "The Nile is a major river in northeastern Africa and flows into the Mediterranean Sea."
+
+
+def test_messages_and_system_prompts() -> None:
+    msgs = build_messages("SYS", " Who? ", "  a passage ")
+    assert msgs == [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": "Context: a passage\n\nQuestion: Who?"},
+    ]
+    assert build_messages("SYS", "Who?", None)[1]["content"] == "Question: Who?"
+    assert system_prompt_for(LabelConfig(prompt="qasper")) == PROMPTS["qasper"]
+    assert system_prompt_for(LabelConfig(prompt="custom", system_prompt="Be terse.")) == "Be terse."
+    # Every setting that changes a label changes the stored prompt_version.
+    versions = {
+        prompt_version_for(LabelConfig()),
+        prompt_version_for(LabelConfig(prompt="qasper")),
+        prompt_version_for(LabelConfig(answer_aggregate="mean")),
+        prompt_version_for(LabelConfig(max_passage_tokens=128)),
+        prompt_version_for(LabelConfig(prompt_version="v2")),
+        prompt_version_for(LabelConfig(prompt="custom", system_prompt="Be terse.")),
+    }
+    assert len(versions) == 6
+    assert prompt_version_for(LabelConfig()).startswith("extractive-v1-max-")
+
+
+def test_label_config_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="system_prompt"):
+        build_config(LabelConfig, {"prompt": "custom"}, source="t.yaml")
+    with pytest.raises(ConfigError, match="only used with prompt=custom"):
+        build_config(LabelConfig, {"prompt": "qasper", "system_prompt": "x"}, source="t.yaml")
+    with pytest.raises(ConfigError, match="answer_aggregate"):
+        build_config(LabelConfig, {"answer_aggregate": "median"}, source="t.yaml")
+
+
+def test_answer_aggregates_by_hand() -> None:
+    with_p = [(-1.0, 2), (-0.5, 4), (-2.0, 3)]
+    without = [(-3.0, 2), (-1.0, 4), (-2.5, 3)]  # utilities 2.0, 0.5, 0.5
+    assert aggregate_answers(with_p, without, "first") == (-1.0, -3.0, 2)
+    assert aggregate_answers(with_p, without, "max") == (-1.0, -3.0, 2)
+    lw, lo, n = aggregate_answers(with_p, without, "mean")
+    assert lw == pytest.approx(-3.5 / 3) and lo == pytest.approx(-6.5 / 3) and n == 3
+    assert lw - lo == pytest.approx(1.0)  # mean of the per-answer utilities
+    assert usable_answers([" a ", "", "  ", "b"], "max") == ["a", "b"]
+    assert usable_answers(["", "b", "c"], "first") == ["b"]
+    with pytest.raises(ValueError, match="aggregate"):
+        usable_answers(["a"], "median")
+
+
+@pytest.fixture(scope="module")
+def scorer32() -> HFScorer:
+    return HFScorer(GEN, PROMPTS["extractive"], dtype="float32", batch_size=3, max_passage_tokens=48)
+
+
+@pytest.mark.slow
+def test_hf_scorer_batched_equals_unbatched_full_forward(scorer32: HFScorer) -> None:
+    """Length-sorted left-padded batches with logits_to_keep give the same numbers as one full pass per item."""
+    import torch
+
+    items = [
+        ScoreItem("Who first walked on the Moon?", "Neil Armstrong", MOON),
+        ScoreItem("Who first walked on the Moon?", "Neil Armstrong", None),
+        ScoreItem("Which city is the capital of France?", "Paris", PARIS),
+        ScoreItem("When did Apollo 11 land?", "20 July 1969", MOON),
+        ScoreItem("Where does the Nile flow into?", "the Mediterranean Sea", RIVER + " " + MOON),
+    ]
+    got = scorer32.answer_logprobs(items)
+    for item, (lp, n) in zip(items, got, strict=True):
+        enc = scorer32.encoder.encode(item)
+        ids = torch.tensor([enc.prompt_ids + enc.answer_ids])
+        with torch.inference_mode():
+            logp = scorer32.model(ids).logits[0].float().log_softmax(-1)
+        a, t = len(enc.answer_ids), ids.shape[1]
+        ref = logp[t - a - 1 : t - 1].gather(-1, ids[0, t - a :].unsqueeze(-1)).mean().item()
+        assert n == a == len(scorer32.tokenizer(item.answer.strip(), add_special_tokens=False)["input_ids"])
+        assert lp == pytest.approx(ref, abs=2e-3)
+    # The end-of-turn token is not scored: the answer tokens are exactly the answer's own tokens.
+    assert scorer32.tokenizer.eos_token_id not in scorer32.encoder.encode(items[0]).answer_ids
+
+
+@pytest.mark.slow
+def test_passage_cut_and_bad_items(scorer32: HFScorer) -> None:
+    long_passage = " ".join([MOON] * 20)
+    cut = scorer32.encoder.cut_passage(long_passage)
+    assert len(scorer32.tokenizer(cut, add_special_tokens=False)["input_ids"]) <= 48 + 2
+    assert scorer32.skip_reason(ScoreItem("q?", "  ", MOON)) == SKIP_EMPTY_ANSWER
+    tiny = HFScorer(GEN, PROMPTS["extractive"], dtype="float32", max_model_len=64)
+    assert tiny.skip_reason(ScoreItem("Who first walked on the Moon?", "Neil Armstrong", None)) is None
+    assert tiny.skip_reason(ScoreItem("Who first walked on the Moon?", "Neil Armstrong", MOON)) == SKIP_TOO_LONG
+    with pytest.raises(ValueError, match="item 1: prompt_too_long"):
+        tiny.answer_logprobs([ScoreItem("Who?", "Neil", None), ScoreItem("Who?", "Neil", MOON)])
+
+
+class CountingScorer:
+    """The real HF scorer, counting the items it is asked to score with and without a passage."""
+
+    def __init__(self, inner: HFScorer) -> None:
+        self.inner = inner
+        self.no_passage = 0
+        self.with_passage = 0
+
+    def skip_reason(self, item: ScoreItem) -> str | None:
+        return self.inner.skip_reason(item)
+
+    def answer_logprobs(self, items: list[ScoreItem]) -> list[tuple[float, int]]:
+        self.no_passage += sum(it.passage is None for it in items)
+        self.with_passage += sum(it.passage is not None for it in items)
+        return self.inner.answer_logprobs(items)
+
+
+def _toy_tables() -> tuple[pa.Table, pa.Table]:
+    queries = pa.table(
+        {
+            "qid": ["q1", "q2", "q3"],
+            "question": ["Who first walked on the Moon?", "Which city is the capital of France?", "Anything?"],
+            "answers": [["Neil Armstrong", "Armstrong"], ["Paris"], ["", "  "]],
+        }
+    )
+    passages = {"moon": MOON, "paris": PARIS, "nile": RIVER}
+    rows = [("q1", "moon"), ("q1", "paris"), ("q1", "nile"), ("q2", "paris"), ("q2", "moon"), ("q3", "nile")]
+    pairs = pa.table(
+        {"qid": [q for q, _ in rows], "pid": [p for _, p in rows], "text": [passages[p] for _, p in rows]}
+    )
+    return queries, pairs
+
+
+@pytest.mark.slow
+def test_label_pairs_local_schema_skips_and_once_per_answer(scorer32: HFScorer) -> None:
+    queries, pairs = _toy_tables()
+    counting = CountingScorer(scorer32)
+    res = label_pairs_with_skips(counting, queries, pairs, aggregate="max", generator=GEN, prompt_version="t")
+    out = res.labeled
+    assert out.schema == UTILITIES_SCHEMA
+    assert out.num_rows == 5 and res.skipped.num_rows == 1
+    assert res.skipped.to_pylist()[0] | {} == {
+        "qid": "q3", "pid": "nile", "reason": SKIP_EMPTY_ANSWER, "generator": GEN, "prompt_version": "t"
+    }
+    # No-passage term once per (query, usable answer): q1 has 2 answers, q2 one, q3 none.
+    assert counting.no_passage == 3
+    assert counting.with_passage == 3 * 2 + 2 * 1
+    d = out.to_pydict()
+    for lw, lo, u in zip(d["logp_with"], d["logp_without"], d["utility"], strict=True):
+        assert u == np.float32(np.float32(lw) - np.float32(lo))
+    util = {(q, p): u for q, p, u in zip(d["qid"], d["pid"], d["utility"], strict=True)}
+    assert util[("q1", "moon")] > max(util[("q1", "paris")], util[("q1", "nile")])
+    assert util[("q2", "paris")] > util[("q2", "moon")]
+    assert set(d["generator"]) == {GEN} and set(d["prompt_version"]) == {"t"}
+    # The public in-process entry point returns the same labeled rows.
+    again = label_pairs_local(scorer32, queries, pairs, aggregate="max", generator=GEN, prompt_version="t")
+    assert again.column("utility").to_pylist() == pytest.approx(d["utility"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_aggregates_relate_as_documented(scorer32: HFScorer) -> None:
+    queries, pairs = _toy_tables()
+    got = {
+        agg: label_pairs_local(scorer32, queries, pairs, aggregate=agg, generator=GEN, prompt_version=agg)
+        for agg in ("first", "max", "mean")
+    }
+    per_answer = []
+    for answer in ("Neil Armstrong", "Armstrong"):
+        q = queries.slice(0, 1).set_column(2, "answers", pa.array([[answer]]))
+        t = label_pairs_local(scorer32, q, pairs.slice(0, 3), aggregate="first", generator=GEN, prompt_version="x")
+        per_answer.append(t.column("utility").to_numpy())
+    per_answer_arr = np.stack(per_answer)  # [answers, 3 pairs of q1]
+    first = got["first"].column("utility").to_numpy()[:3]
+    mx = got["max"].column("utility").to_numpy()[:3]
+    mean = got["mean"].column("utility").to_numpy()[:3]
+    np.testing.assert_allclose(first, per_answer_arr[0], atol=1e-5)
+    np.testing.assert_allclose(mx, per_answer_arr.max(0), atol=1e-5)
+    np.testing.assert_allclose(mean, per_answer_arr.mean(0), atol=1e-5)
+    # first scores only the first answer: its stored token count is that answer's.
+    assert got["first"].column("n_answer_tokens").to_pylist()[0] == len(
+        scorer32.tokenizer("Neil Armstrong", add_special_tokens=False)["input_ids"]
+    )
+    assert not any(math.isnan(x) for x in got["mean"].column("utility").to_pylist())

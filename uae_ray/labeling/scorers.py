@@ -1,0 +1,243 @@
+"""Scorers: mean log-probability of a gold answer under the generator, given a prompt with or without a passage.
+
+Every backend shares :class:`PromptEncoder`, so the token ids scored are identical across backends: the chat template
+is applied to :func:`~uae_ray.labeling.prompts.build_messages` (with the generation prompt), the passage is first cut
+to ``max_passage_tokens`` generator tokens, and the answer is tokenized on its own and appended. Only the answer tokens
+are scored, never the closing end-of-turn token (it gets about -15.7 after a short answer and would swamp the mean).
+
+Backends:
+
+- :class:`HFScorer` (transformers, CPU or GPU): batches sorted by length (little padding), left padding with
+  ``position_ids = attention_mask.cumsum(-1) - 1``, ``logits_to_keep`` = longest answer + 1 so the vocabulary head runs
+  only on answer positions, log-softmax in float32.
+- :class:`~uae_ray.labeling.vllm_scorer.VLLMScorer` (vLLM: ``prompt_logprobs``, ``max_tokens=1``): same ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from uae_ray.labeling.prompts import build_messages, system_prompt_for
+
+if TYPE_CHECKING:
+    from uae_ray.config import LabelConfig
+
+#: Skip reasons, as reported in label_report.json.
+SKIP_EMPTY_ANSWER = "empty_answer"
+SKIP_TOO_LONG = "prompt_too_long"
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One scoring request: log p(answer | prompt(question, passage)); ``passage=None`` is the no-passage prompt."""
+
+    question: str
+    answer: str
+    passage: str | None
+
+
+class BadItemError(ValueError):
+    """An item that cannot be scored; ``reason`` is one of the ``SKIP_*`` constants."""
+
+    def __init__(self, index: int, reason: str, detail: str) -> None:
+        super().__init__(f"item {index}: {reason}: {detail}")
+        self.index = index
+        self.reason = reason
+
+
+class Scorer(Protocol):
+    """Answer log-probabilities under a generator; every backend implements this."""
+
+    def answer_logprobs(self, items: list[ScoreItem]) -> list[tuple[float, int]]:
+        """(mean log-prob over answer tokens, number of answer tokens) per item, in order.
+
+        Raises :class:`BadItemError` naming the first item that cannot be scored (see :meth:`skip_reason`).
+        """
+        ...
+
+    def skip_reason(self, item: ScoreItem) -> str | None:
+        """Why ``item`` cannot be scored (``empty_answer``, ``prompt_too_long``), or None when it can."""
+        ...
+
+
+@dataclass(frozen=True)
+class EncodedItem:
+    """Token ids of one item: the templated prompt and the answer (scored part)."""
+
+    prompt_ids: list[int]
+    answer_ids: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.answer_ids)
+
+
+class PromptEncoder:
+    """Turns :class:`ScoreItem` into token ids, identically for every backend.
+
+    Args:
+        tokenizer: the generator's tokenizer (with a chat template).
+        system_prompt: the system turn.
+        max_passage_tokens: passages are cut to this many generator tokens.
+        max_model_len: prompt + answer longer than this is a bad item (``prompt_too_long``).
+    """
+
+    def __init__(self, tokenizer: Any, system_prompt: str, max_passage_tokens: int, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.max_passage_tokens = max_passage_tokens
+        self.max_model_len = max_model_len
+        self._cut_cache: dict[str, str] = {}
+
+    def cut_passage(self, passage: str) -> str:
+        """``passage`` cut to at most ``max_passage_tokens`` generator tokens (whole text when shorter)."""
+        cached = self._cut_cache.get(passage)
+        if cached is not None:
+            return cached
+        ids = self.tokenizer(passage, add_special_tokens=False)["input_ids"]
+        out = passage if len(ids) <= self.max_passage_tokens else self.tokenizer.decode(
+            ids[: self.max_passage_tokens], skip_special_tokens=True
+        )
+        if len(self._cut_cache) > 50_000:
+            self._cut_cache.clear()
+        self._cut_cache[passage] = out
+        return out
+
+    def prompt_text(self, question: str, passage: str | None) -> str:
+        """The templated prompt (system + user + assistant header) as text."""
+        cut = None if passage is None else self.cut_passage(passage)
+        messages = build_messages(self.system_prompt, question, cut)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, item: ScoreItem, index: int = 0) -> EncodedItem:
+        """Token ids of ``item``; raises :class:`BadItemError` for an empty answer or an over-long prompt."""
+        answer = item.answer.strip()
+        if not answer:
+            raise BadItemError(index, SKIP_EMPTY_ANSWER, "the gold answer is empty")
+        prompt_ids = self.tokenizer(self.prompt_text(item.question, item.passage), add_special_tokens=False)[
+            "input_ids"
+        ]
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        enc = EncodedItem(list(prompt_ids), list(answer_ids))
+        if enc.length > self.max_model_len:
+            raise BadItemError(
+                index,
+                SKIP_TOO_LONG,
+                f"{len(prompt_ids)} prompt + {len(answer_ids)} answer tokens > max_model_len {self.max_model_len} "
+                f"(passage already cut to {self.max_passage_tokens} tokens)",
+            )
+        return enc
+
+    def skip_reason(self, item: ScoreItem) -> str | None:
+        try:
+            self.encode(item)
+        except BadItemError as e:
+            return e.reason
+        return None
+
+
+class HFScorer:
+    """Transformers scorer: batched, length-sorted, left-padded, logits only at answer positions.
+
+    Args:
+        generator: registry name, local path or hub id of the causal LM.
+        system_prompt: the system turn of every prompt.
+        dtype: ``bfloat16`` (default; uses the CPU's bf16 units), ``float32`` or ``float16`` (GPU).
+        max_passage_tokens: passages are cut to this many generator tokens.
+        batch_size: sequences per forward pass.
+        max_model_len: prompt + answer longer than this is a bad item.
+        device: ``cpu``/``cuda``; default: cuda when available.
+    """
+
+    def __init__(
+        self,
+        generator: str,
+        system_prompt: str,
+        dtype: str = "bfloat16",
+        max_passage_tokens: int = 256,
+        batch_size: int = 16,
+        max_model_len: int = 1024,
+        device: str | None = None,
+    ) -> None:
+        import torch
+
+        from uae_ray.models.registry import load_causal_lm
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = load_causal_lm(generator, dtype, self.device)
+        self.encoder = PromptEncoder(self.tokenizer, system_prompt, max_passage_tokens, max_model_len)
+        self.batch_size = batch_size
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.tokens_processed = 0  # prompt + answer tokens through the model (for tokens/s)
+
+    def skip_reason(self, item: ScoreItem) -> str | None:
+        return self.encoder.skip_reason(item)
+
+    def answer_logprobs(self, items: list[ScoreItem]) -> list[tuple[float, int]]:
+        """(mean log-prob over answer tokens, n answer tokens) per item, in input order."""
+        encoded = [self.encoder.encode(it, i) for i, it in enumerate(items)]
+        order = sorted(range(len(encoded)), key=lambda i: encoded[i].length)
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            for i, res in zip(idx, self._score_batch([encoded[i] for i in idx]), strict=True):
+                out[i] = res
+        return out
+
+    def _score_batch(self, batch: list[EncodedItem]) -> list[tuple[float, int]]:
+        import torch
+
+        width = max(e.length for e in batch)
+        max_answer = max(len(e.answer_ids) for e in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, e in enumerate(batch):
+            ids = e.prompt_ids + e.answer_ids
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[row, width - len(ids) :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=position_ids.to(self.device),
+                logits_to_keep=max_answer + 1,
+                use_cache=False,
+            ).logits  # [b, max_answer + 1, vocab]: positions width-max_answer-1 .. width-1
+        # logits at position t predict token t+1: the answer's tokens (the last a of each row) come from the
+        # max_answer positions before the last one.
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [b, max_answer, vocab]
+        targets = input_ids[:, width - max_answer :].to(logp.device)  # [b, max_answer]
+        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        self.tokens_processed += int(mask.sum())
+        results = []
+        for row, e in enumerate(batch):
+            a = len(e.answer_ids)
+            results.append((float(token_logp[row, max_answer - a :].mean()), a))
+        return results
+
+
+def make_scorer(cfg: LabelConfig) -> Scorer:
+    """The scorer of ``cfg.backend`` with ``cfg``'s generator, prompt, dtype and limits."""
+    system_prompt = system_prompt_for(cfg)
+    if cfg.backend == "hf":
+        return HFScorer(
+            cfg.generator,
+            system_prompt,
+            dtype=cfg.dtype,
+            max_passage_tokens=cfg.max_passage_tokens,
+            batch_size=cfg.pool.batch_size,
+            max_model_len=cfg.max_model_len,
+        )
+    if cfg.backend == "vllm":
+        from uae_ray.labeling.vllm_scorer import VLLMScorer
+
+        return VLLMScorer(
+            cfg.generator,
+            system_prompt,
+            dtype=cfg.dtype,
+            max_passage_tokens=cfg.max_passage_tokens,
+            max_model_len=cfg.max_model_len,
+        )
+    raise ValueError(f"unknown backend {cfg.backend!r}: use hf or vllm")
