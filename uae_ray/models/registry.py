@@ -149,7 +149,7 @@ def load_causal_lm(name: str, dtype: str = "bfloat16", device: str = "cpu"):
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype))
-    except OSError as e:
+    except (OSError, ValueError) as e:  # transformers 5 raises ValueError for a folder without model files
         raise ModelNotFoundError(f"{name}: could not load ({e}); offline machines need a local path") from e
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -168,5 +168,5 @@ def load_tokenizer(name: str):
         return AutoTokenizer.from_pretrained(hf_folder(name))
     try:
         return AutoTokenizer.from_pretrained(ref.path)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # transformers 5 raises ValueError for a folder without tokenizer files
         raise ModelNotFoundError(f"{name}: could not load tokenizer ({e})") from e
