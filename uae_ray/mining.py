@@ -1,0 +1,142 @@
+"""Candidate pools: top-K passages per query by inner product of unit vectors (FAISS), gold always included.
+
+Scope:
+
+- ``document``: a query's pool comes from its own document's passages (QASPER: the paper's paragraphs).
+- ``corpus``: the pool comes from the whole corpus, restricted to documents of the query's split (so training pools
+  never hold evaluation passages); passages of documents without queries are open to every split.
+- ``auto``: ``document`` when the median document has more than one passage, else ``corpus`` (SQuAD/MRQA).
+
+Gold passages are always in the pool: each missing gold replaces the lowest-ranked non-gold candidate, and the pool
+is re-sorted by score, so ``rank`` is the position by score (a gold below every other candidate ranks last).
+
+Re-mining with the reward model (``reward_weight`` w > 0): the candidate set is the dense top-2K plus the previous
+pool; both the base cosine and the teacher score are z-scored within the query's set, a candidate without a teacher
+score gets the query's lowest teacher z, and the pool is the top K of ``(1 - w) z_base + w z_teacher``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from uae_ray.data.schema import CANDIDATES_SCHEMA
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One query's pool: passage row indices into the corpus and their ranking scores, best first."""
+
+    rows: np.ndarray  # int64 [k]
+    scores: np.ndarray  # float32 [k]
+
+
+def decide_scope(doc_ids: Sequence[str], scope: str) -> str:
+    """``document`` or ``corpus`` for ``scope`` (``auto``: by the median number of passages per document)."""
+    if scope in ("document", "corpus"):
+        return scope
+    if scope != "auto":
+        raise ValueError(f"unknown scope {scope!r}: use auto, document or corpus")
+    _, counts = np.unique(np.asarray(doc_ids, dtype=object), return_counts=True)
+    return "document" if len(counts) and float(np.median(counts)) > 1 else "corpus"
+
+
+def search_ip(passages: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k with FAISS (``IndexFlatIP``).
+
+    Args:
+        passages: float32 [n, d] unit vectors.
+        queries: float32 [m, d] unit vectors.
+        k: results per query (capped at n).
+
+    Returns:
+        (scores [m, k'], row indices [m, k']) with k' = min(k, n), best first.
+    """
+    import faiss
+
+    k = min(k, passages.shape[0])
+    if k == 0 or queries.shape[0] == 0:
+        return np.zeros((queries.shape[0], 0), np.float32), np.zeros((queries.shape[0], 0), np.int64)
+    index = faiss.IndexFlatIP(passages.shape[1])
+    index.add(np.ascontiguousarray(passages, dtype=np.float32))
+    scores, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return scores, idx.astype(np.int64)
+
+
+def ensure_gold(pool: Pool, gold_rows: Sequence[int], gold_scores: Sequence[float]) -> Pool:
+    """``pool`` with every gold row in it: each missing gold replaces the lowest-ranked non-gold; re-sorted by score.
+
+    A pool smaller than the number of golds grows to hold them all.
+    """
+    gold = [int(g) for g in gold_rows]
+    have = set(pool.rows.tolist())
+    missing = [(g, s) for g, s in zip(gold, gold_scores, strict=True) if g not in have]
+    if not missing:
+        return pool
+    gold_set = set(gold)
+    rows, scores = pool.rows.tolist(), pool.scores.tolist()
+    for g, s in missing:
+        victim = next((i for i in range(len(rows) - 1, -1, -1) if rows[i] not in gold_set), None)
+        if victim is None:
+            rows.append(g)
+            scores.append(float(s))
+        else:
+            rows[victim], scores[victim] = g, float(s)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return Pool(np.asarray(rows, np.int64)[order], np.asarray(scores, np.float32)[order])
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    """(x - mean) / std over one query's candidates (0 where the std is 0)."""
+    x = np.asarray(x, np.float64)
+    std = x.std()
+    return np.zeros_like(x) if std == 0 or not np.isfinite(std) else (x - x.mean()) / std
+
+
+def mix_reward(
+    rows: np.ndarray, base: np.ndarray, teacher: dict[int, float], weight: float, k: int
+) -> Pool:
+    """Top ``k`` of ``(1-w) z(base) + w z(teacher)`` over one query's candidate set (scores are the mixed value).
+
+    Args:
+        rows: candidate row indices [c].
+        base: their base cosines [c].
+        teacher: row -> teacher score for the candidates that have one.
+        weight: w in [0, 1].
+        k: pool size.
+    """
+    zb = zscore(base)
+    have = np.array([r in teacher for r in rows.tolist()])
+    zt = np.zeros(len(rows), np.float64)
+    if have.any():
+        t = np.array([teacher[r] for r in rows[have].tolist()], np.float64)
+        zt[have] = zscore(t)
+        zt[~have] = zt[have].min()
+    mixed = (1.0 - weight) * zb + weight * zt
+    order = np.argsort(-mixed, kind="stable")[:k]
+    return Pool(rows[order].astype(np.int64), mixed[order].astype(np.float32))
+
+
+def pools_to_table(
+    qids: Sequence[str], pools: Sequence[Pool], pids: Sequence[str], cosine: Sequence[np.ndarray],
+    gold: Sequence[set[int]],
+) -> pa.Table:
+    """``candidates.parquet`` rows: (qid, pid, rank, base_score = cosine, is_gold) for every pool."""
+    out_q: list[str] = []
+    out_p: list[str] = []
+    rank: list[int] = []
+    base: list[float] = []
+    is_gold: list[bool] = []
+    for qid, pool, cos, g in zip(qids, pools, cosine, gold, strict=True):
+        for r, row in enumerate(pool.rows.tolist()):
+            out_q.append(qid)
+            out_p.append(pids[row])
+            rank.append(r)
+            base.append(float(cos[r]))
+            is_gold.append(row in g)
+    return pa.Table.from_pydict(
+        {"qid": out_q, "pid": out_p, "rank": rank, "base_score": base, "is_gold": is_gold}, schema=CANDIDATES_SCHEMA
+    )
