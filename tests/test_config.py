@@ -32,6 +32,10 @@ def test_prepare_config_validation():
         PrepareConfig(format="squad")
     with pytest.raises(pydantic.ValidationError, match="needs hf_dataset"):
         PrepareConfig(format="hf")
+    with pytest.raises(pydantic.ValidationError, match="not inputs"):
+        PrepareConfig(format="hf", hf_dataset="allenai/qasper", inputs=[InputSpec(path="x")])
+    with pytest.raises(pydantic.ValidationError, match="only read with format=hf"):
+        PrepareConfig(format="qasper", hf_dataset="allenai/qasper", inputs=[InputSpec(path="x")])
     with pytest.raises(pydantic.ValidationError, match="at most half of max_passage_tokens"):
         PrepareConfig(format="jsonl", inputs=[InputSpec(path="x")], max_passage_tokens=32, window_overlap=17)
     with pytest.raises(pydantic.ValidationError, match="sum to 1"):

@@ -69,7 +69,7 @@ class PrepareConfig(StageConfig):
 
     format: Literal["qasper", "mrqa", "squad", "jsonl", "hf"]
     inputs: list[InputSpec] = Field(default_factory=list)
-    hf_dataset: str | None = None  # e.g. allenai/qasper, used with format=hf (or to fetch any format's files)
+    hf_dataset: str | None = None  # format=hf: a hub id (allenai/qasper) or a datasets save_to_disk folder
     hf_config: str | None = None
     hf_layout: Literal["qasper", "squad", "generic"] = "generic"  # how the hub rows are laid out
     tokenizer: str = "all-minilm-l6-v2"  # passages are windowed in this model's tokens
@@ -86,6 +86,10 @@ class PrepareConfig(StageConfig):
             raise ValueError("window_overlap must be at most half of max_passage_tokens")
         if self.format == "hf" and not self.hf_dataset:
             raise ValueError("format=hf needs hf_dataset (e.g. allenai/qasper)")
+        if self.format == "hf" and self.inputs:
+            raise ValueError("format=hf reads hf_dataset (--hf-dataset), not inputs (--input)")
+        if self.format != "hf" and self.hf_dataset:
+            raise ValueError(f"hf_dataset is only read with format=hf (format is {self.format!r})")
         if self.format != "hf" and not self.inputs:
             raise ValueError(f"format={self.format} needs at least one input (--input [SPLIT=]PATH)")
         return self

@@ -40,8 +40,7 @@ def iter_chunks(cfg: PrepareConfig, stats: LoadStats) -> Iterator[tuple[str, Chu
     """(source, chunk) for every input of ``cfg``, in order."""
     if cfg.format == "hf":
         assert cfg.hf_dataset is not None  # guaranteed by PrepareConfig validation
-        split = cfg.inputs[0].split if cfg.inputs else None
-        for chunk in load_hf(cfg.hf_dataset, cfg.hf_config, cfg.hf_layout, split, stats):
+        for chunk in load_hf(cfg.hf_dataset, cfg.hf_config, cfg.hf_layout, None, stats):
             yield cfg.hf_dataset, chunk
         return
     loader = FILE_LOADERS[cfg.format]
