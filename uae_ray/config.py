@@ -265,9 +265,9 @@ class EvaluateConfig(StageConfig):
 class ServeConfig(StageConfig):
     """``uae-ray serve``: QueryEncoder -> IndexShard x S -> Retriever ingress."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes the service: set a token (token_env) then
     port: int = Field(8000, ge=1, le=65535)
-    encoder: str = "run:encoder"
+    encoder: str | None = None  # None: the encoder recorded in the index manifest (queries match passages)
     shard_replicas: int = Field(1, ge=1)
     encoder_replicas: int = Field(1, ge=1)
     max_batch_size: int = Field(32, ge=1)

@@ -1,0 +1,1 @@
+"""Ray Serve retrieval app: ``serve.app:build_app``."""

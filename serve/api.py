@@ -1,0 +1,112 @@
+"""Arguments of the retrieval app and the HTTP request/response models of ``POST /search``.
+
+Requests are validated strictly (no type coercion: ``"k": "5"`` is a 422, not a 5) so a bad request is always a 4xx
+with a message naming the field, never a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`serve.app.build_app` (``serve deploy`` passes them as ``args:`` in the config YAML).
+
+    Attributes:
+        run_dir: the run directory (local path or ``s3://`` / ``gs://`` URI) holding ``index/`` and the encoder.
+        index: name of the index directory inside the run dir.
+        encoder: encoder spec (``run:encoder``, a registry name or a path); None: the encoder named in the index
+            manifest, so queries and passages always come from the same model.
+        version: label of what is served (shown by /healthz and in responses); None derives it from the index
+            manifest and the encoder. Redeploying the app (new index or encoder) rolls replicas one by one.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_dir: str
+    index: str = "index"
+    encoder: str | None = None
+    version: str | None = None
+    shard_replicas: int = Field(1, ge=1)
+    encoder_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(1, ge=1)
+    encoder_num_cpus: float = Field(1.0, ge=0)
+    shard_num_cpus: float = Field(0.5, ge=0)
+    ingress_num_cpus: float = Field(0.25, ge=0)
+    node_resource: str | None = None  # custom node resource (e.g. serve_node) that pins replicas to serving nodes
+    max_batch_size: int = Field(32, ge=1)  # QueryEncoder @serve.batch, changed live through user_config
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_query_tokens: int = Field(64, ge=8)
+    mmap: bool = True
+    max_k: int = Field(100, ge=1)
+    max_queries: int = Field(32, ge=1)  # queries per request
+    max_query_chars: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(262_144, ge=1024)
+    token_env: str = "UAE_RAY_TOKEN"
+    retries: int = Field(2, ge=0)  # per shard / encoder call, when a replica died under the request
+
+
+class RetrieverSettings(BaseModel):
+    """What the ingress needs at run time (derived from :class:`AppArgs` on the driver)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_k: int
+    max_queries: int
+    max_query_chars: int
+    max_body_bytes: int
+    token_env: str
+    token_sha256: str | None  # sha256 of the bearer token seen by build_app (never the token itself)
+    retries: int
+    version: str
+    index_info: dict[str, Any]
+
+
+class SearchRequest(BaseModel):
+    """``POST /search``: exactly one of ``query`` / ``queries``; ``k`` hits per query."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: StrictStr | None = None
+    queries: list[StrictStr] | None = None
+    k: StrictInt = 10
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SearchRequest:
+        if (self.query is None) == (self.queries is None):
+            raise ValueError("give exactly one of 'query' (a string) or 'queries' (a list of strings)")
+        return self
+
+    def texts(self) -> list[str]:
+        return [self.query] if self.query is not None else list(self.queries or [])
+
+
+class VectorSearchRequest(BaseModel):
+    """``POST /search/vectors``: pre-computed unit query vectors (clients that encode themselves, benchmarks)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vectors: list[list[StrictFloat | StrictInt]]
+    k: StrictInt = 10
+
+
+class Hit(BaseModel):
+    rank: int
+    pid: str
+    doc_id: str | None
+    score: float
+    text: str | None
+
+
+class QueryResult(BaseModel):
+    query: str | None
+    hits: list[Hit]
+
+
+class SearchResponse(BaseModel):
+    results: list[QueryResult]
+    k: int
+    version: str
+    timing_ms: dict[str, float]

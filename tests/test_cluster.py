@@ -1,0 +1,150 @@
+"""Cluster definitions parse, and every entry point, import path, stage and deployment they name exists."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CLUSTER = ROOT / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+RAY_VERSION = "2.60.0"
+
+
+def _load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _serve_config_checks(config: dict[str, Any], source: str) -> None:
+    """Validate a Serve config with Ray's own schema, import its app, validate its args, match deployment names."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.api import AppArgs
+
+    ServeDeploySchema.parse_obj(config)  # Ray's schema for `serve deploy` / RayService serveConfigV2
+    for app in config["applications"]:
+        module_name, _, attr = app["import_path"].partition(":")
+        build = getattr(importlib.import_module(module_name), attr)
+        assert callable(build), f"{source}: {app['import_path']} is not callable"
+        args = AppArgs.model_validate(app["args"])  # unknown or bad args fail here, as they would on the cluster
+        names = {d["name"] for d in app.get("deployments", [])}
+        known = {"QueryEncoder", "Retriever"}
+        shard_names = {n for n in names if n.startswith("IndexShard")}
+        assert names - known - shard_names == set(), f"{source}: unknown deployments {names - known - shard_names}"
+        assert all(re.fullmatch(r"IndexShard\d+", n) for n in shard_names), shard_names
+        for d in app.get("deployments", []):
+            if "autoscaling_config" in d:
+                a = d["autoscaling_config"]
+                assert a["min_replicas"] <= a["max_replicas"], f"{source}: {d['name']} autoscaling bounds"
+        # the token itself never sits in a config file: only the name of the variable that holds it
+        assert args.token_env and {k for k in app["args"] if "token" in k.lower()} <= {"token_env"}
+
+
+def test_launcher_yaml_has_cpu_head_gpu_autoscaling_and_cpu_serving_workers():
+    cfg = _load(CLUSTER / "aws.yaml")
+    assert cfg["provider"]["type"] == "aws"
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"]["CPU"] == 0 and "GPU" not in head["resources"]
+    gpu = types["gpu_worker"]
+    assert gpu["resources"]["GPU"] >= 1 and gpu["min_workers"] == 0 and gpu["max_workers"] > 0
+    serving = types["cpu_serve_worker"]
+    assert "GPU" not in serving["resources"] and serving["max_workers"] > serving["min_workers"] >= 1
+    assert cfg["max_workers"] >= gpu["max_workers"] + serving["max_workers"] - 0
+    assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
+    images = {cfg["docker"]["image"], gpu["docker"]["worker_image"]}
+    assert images == {"uae-ray:0.1.0", "uae-ray:0.1.0-gpu"}
+
+
+def test_dockerfile_builds_from_the_pinned_ray_and_copies_what_jobs_need():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert f"rayproject/ray:{RAY_VERSION}" in text
+    for path in re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+)", text, flags=re.M):
+        assert (ROOT / path).exists(), f"Dockerfile copies missing {path}"
+
+
+def _kuberay_docs() -> dict[str, dict[str, Any]]:
+    return {p.stem: _load(p) for p in sorted(KUBERAY.glob("*.yaml"))}
+
+
+def test_kuberay_manifests_parse_with_the_right_kinds_and_ray_version():
+    docs = _kuberay_docs()
+    assert {k: v["kind"] for k, v in docs.items()} == {
+        "raycluster": "RayCluster", "rayjob": "RayJob", "rayservice": "RayService"
+    }
+    specs = [docs["raycluster"]["spec"], docs["rayjob"]["spec"]["rayClusterSpec"],
+             docs["rayservice"]["spec"]["rayClusterConfig"]]
+    for spec in specs:
+        assert all(d["apiVersion"] == "ray.io/v1" for d in docs.values())
+        assert spec["rayVersion"] == RAY_VERSION
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        for group in spec["workerGroupSpecs"]:
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    gpu_groups = [g for g in docs["raycluster"]["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-workers"]
+    limits = gpu_groups[0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1" and gpu_groups[0]["minReplicas"] == 0
+
+
+def _entrypoints() -> list[tuple[str, str]]:
+    """(source, command line) of every `python jobs/...` in the cluster files and the README."""
+    found = []
+    for path in [*CLUSTER.rglob("*.yaml"), ROOT / "README.md"]:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            m = re.search(r"python (jobs/\S+\.py.*)$", line)
+            if m:
+                found.append((path.name, m.group(1).rstrip("`").strip()))
+    return found
+
+
+def test_every_named_entry_point_exists_and_its_arguments_parse():
+    from uae_ray.cli import build_parser
+
+    entries = _entrypoints()
+    assert any(src == "rayjob.yaml" for src, _ in entries)
+    for src, cmd in entries:
+        argv = shlex.split(cmd.replace("\\", " "))
+        script = ROOT / argv[0]
+        assert script.exists(), f"{src}: {argv[0]} does not exist"
+        stage = {"pipeline": "run"}.get(script.stem, script.stem.replace("_", "-"))
+        args = [a for a in argv[1:] if not a.startswith("<")]
+        parsed = build_parser().parse_args([stage, *args])  # SystemExit (a failure) on unknown flags
+        assert parsed.stage == stage
+
+
+def test_rayjob_runs_the_labeling_stage_on_gpu_workers():
+    job = _kuberay_docs()["rayjob"]["spec"]
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:2] == ["python", "jobs/label.py"] and "--run-dir" in argv
+    runtime_env = yaml.safe_load(job["runtimeEnvYAML"])
+    assert "env_vars" in runtime_env
+    assert job["shutdownAfterJobFinishes"] is True
+    groups = job["rayClusterSpec"]["workerGroupSpecs"]
+    assert any(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for g in groups)
+    from uae_ray.config import LabelConfig, apply_overrides
+
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    LabelConfig.model_validate(apply_overrides({}, sets))  # the overrides are valid label settings
+
+
+@pytest.mark.parametrize("source", ["serve/config.yaml", "cluster/kuberay/rayservice.yaml"])
+def test_serve_configs_validate_and_name_importable_app_and_real_deployments(source):
+    doc = _load(ROOT / source)
+    config = yaml.safe_load(doc["spec"]["serveConfigV2"]) if doc.get("kind") == "RayService" else doc
+    _serve_config_checks(config, source)
+
+
+def test_readme_documents_ray_job_submit_for_every_stage():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for job in sorted((ROOT / "jobs").glob("*.py")):
+        assert f"jobs/{job.name}" in readme, f"README does not show how to submit jobs/{job.name}"
+    assert "ray job submit" in readme and "serve deploy serve/config.yaml" in readme
