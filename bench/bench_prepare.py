@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def measure(cmd: list[str]) -> dict[str, float]:
-    """Wall seconds and max RSS (MiB) of one child process; raises if it fails."""
+    """Wall seconds, CPU seconds (user + system) and max RSS (MiB) of one child process; raises if it fails.
+
+    CPU seconds are the figure to compare on a shared machine: wall time grows with other people's load.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -31,7 +34,8 @@ def measure(cmd: list[str]) -> dict[str, float]:
     seconds = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.decode(errors='replace')[-3000:]}")
-    return {"seconds": round(seconds, 2), "max_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+            "max_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
 def main() -> None:
@@ -65,11 +69,15 @@ def main() -> None:
             print(f"{name:24s} {results[name]}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu_count": os.cpu_count(), "results": results}, indent=2) + "\n")
-    print("\n| run | wall s | max RSS MiB | questions read / kept | corpus rows |\n|---|---|---|---|---|")
+    load = os.getloadavg()[0]
+    out.write_text(json.dumps({"cpu_count": os.cpu_count(), "load_average_1min_at_end": load, "results": results},
+                              indent=2) + "\n")
+    print(f"\nload average at the end: {load:.1f} on {os.cpu_count()} CPUs")
+    print("| run | wall s | CPU s | max RSS MiB | questions read / kept | corpus rows |\n|---|---|---|---|---|---|")
     for name, r in results.items():
         qs = f"{r['questions_read']} / {r['questions_kept']}" if "questions_read" in r else ""
-        print(f"| {name} | {r['seconds']} | {r['max_rss_mib']} | {qs} | {r.get('corpus_rows', '')} |")
+        rows = r.get("corpus_rows", "")
+        print(f"| {name} | {r['seconds']} | {r['cpu_seconds']} | {r['max_rss_mib']} | {qs} | {rows} |")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def test_qasper_non_utf8_and_gzip(tmp_path):
     gz.write_bytes(gzip.compress(raw))
     _, queries = _all(load_qasper(gz, None, LoadStats()))
     assert len(queries) == 5
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + raw)
+    assert len(_all(load_qasper(bom, None, LoadStats()))[1]) == 5
     bad = tmp_path / "latin1.json"
     bad.write_bytes(raw.replace(b"Tiny Graphs", b"Tiny Gr\xe4phs"))
     with pytest.raises(DataError, match=r"latin1.json: byte offset \d+: not valid UTF-8"):
@@ -163,11 +166,15 @@ def _check_generic(passages, queries, stats):
     assert queries["g5"].gold_pids == () and queries["g5"].no_gold_reason == "no_gold_marked"
 
 
-def test_generic_jsonl():
+def test_generic_jsonl(tmp_path):
     stats = LoadStats()
     passages, queries = _all(load_generic(DATA / "generic_mini.jsonl", None, stats))
     _check_generic(passages, queries, stats)
     assert stats.queries_read == 5 and stats.passages_read == 6
+    bom = tmp_path / "bom.jsonl"  # a byte-order mark, as some editors write
+    bom.write_bytes(b"\xef\xbb\xbf" + (DATA / "generic_mini.jsonl").read_bytes())
+    stats = LoadStats()
+    _check_generic(*_all(load_generic(bom, None, stats)), stats)
 
 
 def test_generic_parquet_same_as_jsonl(tmp_path):

@@ -90,7 +90,7 @@ def test_prepare_qasper_windows_gold_and_report(tmp_path, capsys):
     assert report["questions"] == {"read": 6, "kept": 3, "skipped": {
         "evidence_not_found": 1, "no_answerable_annotation": 1, "no_text_evidence": 1}}
     assert report["passages"] == {"read": 7, "kept": 6, "skipped": {"empty_text": 1}}
-    assert report["windows"]["rows"] == corpus.num_rows and report["windows"]["gold_passages_split"] == 1
+    assert report["windows"]["rows"] == corpus.num_rows and report["windows"]["gold_pairs_in_split_passages"] == 1
     assert report["splits"]["train"] == {"queries": 3, "documents": 2}
     assert summary["questions_kept"] == 3 and "up_to_date" not in summary
     assert "skipped no_text_evidence: 1" in capsys.readouterr().out

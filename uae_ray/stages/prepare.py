@@ -91,8 +91,8 @@ class _State:
     passages_kept: int = 0
     windows_written: int = 0
     passages_windowed: int = 0
-    gold_passages_windowed: int = 0
-    gold_all_windows_fallback: int = 0
+    gold_passages_windowed: int = 0  # (query, gold passage) pairs whose passage was cut into windows
+    gold_all_windows_fallback: int = 0  # ... of which no window held an answer span, so all windows stay gold
     max_tokens_seen: int = 0
 
 
@@ -256,8 +256,8 @@ def _report(cfg: PrepareConfig, fp: str, stats: LoadStats, st: _State, corpus: p
         "passages": {"read": stats.passages_read, "kept": st.passages_kept,
                      "skipped": dict(sorted(stats.passages_skipped.items()))},
         "windows": {"rows": corpus.num_rows, "passages_split": st.passages_windowed,
-                    "gold_passages_split": st.gold_passages_windowed,
-                    "gold_all_windows_fallback": st.gold_all_windows_fallback,
+                    "gold_pairs_in_split_passages": st.gold_passages_windowed,
+                    "gold_pairs_all_windows_fallback": st.gold_all_windows_fallback,
                     "max_passage_tokens": cfg.max_passage_tokens, "window_overlap": cfg.window_overlap,
                     "max_n_tokens": st.max_tokens_seen, "tokenizer": cfg.tokenizer},
         "splits": {s: {"queries": st.queries_per_split[s], "documents": st.docs_per_split[s]} for s in schema.SPLITS},

@@ -179,7 +179,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading byte-order mark is fine
             except UnicodeDecodeError as e:
                 raise DataError(path, f"line {lineno}", None, f"not valid UTF-8 (byte {e.start} of the line)") from e
             if not text.strip():
@@ -200,7 +200,7 @@ def load_json(path: Path) -> Any:
     with open_binary(path) as f:
         data = f.read()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(path, f"line {line}", None, f"not valid UTF-8 (byte offset {e.start})") from e

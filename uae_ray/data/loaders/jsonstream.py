@@ -23,7 +23,7 @@ class _Buffer:
     def __init__(self, path: Path, read_chars: int) -> None:
         self.path = path
         self.file = open_binary(path)
-        self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")("strict")  # a leading byte-order mark is fine
         self.read_chars = read_chars
         self.bytes_read = 0
         self.text = ""
