@@ -93,6 +93,7 @@ def test_prepare_qasper_windows_gold_and_report(tmp_path, capsys):
     assert report["windows"]["rows"] == corpus.num_rows and report["windows"]["gold_pairs_in_split_passages"] == 1
     assert report["splits"]["train"] == {"queries": 3, "documents": 2}
     assert summary["questions_kept"] == 3 and "up_to_date" not in summary
+    assert rd.local_path(prepare.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "skipped no_text_evidence: 1" in capsys.readouterr().out
     # idempotent: same config and inputs -> nothing rewritten
     mtime = rd.local_path(schema.CORPUS).stat().st_mtime_ns

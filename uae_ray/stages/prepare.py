@@ -1,4 +1,4 @@
-"""``uae-ray prepare``: raw QA data -> corpus.parquet + queries.parquet + prepare_report.json.
+"""``uae-ray prepare``: raw QA data -> corpus.parquet + queries.parquet + prepare_report.json + prepare_lengths.png.
 
 Chunks stream from the loader; passages are windowed in batches with the fast tokenizer and appended to Arrow
 record batches, so the input is never held as Python objects more than a chunk at a time (the generic format is
@@ -34,6 +34,8 @@ log = logging.getLogger("uae_ray")
 TOKENIZE_BATCH = 2048
 #: Rows per Arrow record batch while building the corpus.
 ARROW_BATCH = 8192
+#: Histogram of passage lengths (tokens, before windowing) with the window size marked.
+PLOT = "prepare_lengths.png"
 
 
 def iter_chunks(cfg: PrepareConfig, stats: LoadStats) -> Iterator[tuple[str, Chunk]]:
@@ -94,6 +96,7 @@ class _State:
     gold_passages_windowed: int = 0  # (query, gold passage) pairs whose passage was cut into windows
     gold_all_windows_fallback: int = 0  # ... of which no window held an answer span, so all windows stay gold
     max_tokens_seen: int = 0
+    passage_tokens: list[int] = field(default_factory=list)  # length of every kept passage before windowing
 
 
 def _admit_docs(cfg: PrepareConfig, source: str, chunk: Chunk, st: _State) -> None:
@@ -145,6 +148,7 @@ def _process(cfg: PrepareConfig, windower: Windower, pending: list[tuple[str, Ch
             st.passages_kept += 1
             st.windows_written += len(windows)
             st.passages_windowed += len(windows) > 1
+            st.passage_tokens.append(sum(w.n_tokens for w in windows) - windower.overlap * (len(windows) - 1))
             windows_of[p.pid] = wpids
             texts_of[p.pid] = [w.text for w in windows]
         for q in chunk.queries:
@@ -226,9 +230,34 @@ def run(cfg: PrepareConfig, run_dir: RunDir) -> dict[str, Any]:
     report = _report(cfg, fp, stats, st, corpus, queries, time.perf_counter() - t0)
     run_dir.write_table(schema.CORPUS, corpus)
     run_dir.write_table(schema.QUERIES, queries)
+    run_dir.write_bytes(PLOT, plot_lengths(st.passage_tokens, windower.size, cfg.format))
     run_dir.write_json(schema.PREPARE_REPORT, report)
     _print_report(report)
     return summary(report, run_dir)
+
+
+def plot_lengths(lengths: list[int], window: int, title: str) -> bytes:
+    """PNG histogram of passage lengths in tokens, with the window size (text tokens) as a vertical line."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    cap = 4 * window
+    ax.hist([min(n, cap) for n in lengths], bins=60, range=(0, cap), color="#4C72B0")
+    over = sum(n > window for n in lengths)
+    ax.axvline(window, color="#C44E52", linestyle="--", label=f"window: {window} text tokens ({over} passages longer)")
+    ax.set(xlabel="passage length in tokens (longer ones in the last bin)", ylabel="passages",
+           title=f"prepare ({title}): {len(lengths)} passages")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def summary(report: dict[str, Any], run_dir: RunDir) -> dict[str, Any]:
@@ -239,6 +268,7 @@ def summary(report: dict[str, Any], run_dir: RunDir) -> dict[str, Any]:
         "corpus_rows": report["windows"]["rows"],
         "queries_per_split": {s: v["queries"] for s, v in report["splits"].items()},
         "report": run_dir.path(schema.PREPARE_REPORT),
+        "plot": run_dir.path(PLOT),
     }
 
 
