@@ -259,6 +259,29 @@ class EvaluateConfig(StageConfig):
     max_new_tokens: int = Field(32, ge=1)
     ks: list[int] = Field(default_factory=lambda: [1, 3, 5, 10])
     label_on_demand: bool = True  # ExpUtil@k: unlabeled top-k pairs are labeled with the same generator/prompt
+    exp_util_ks: list[int] = Field(default_factory=lambda: [1, 3])  # ExpUtil@k cut-offs (top-k labeled on demand)
+    generate_ks: list[int] = Field(default_factory=lambda: [1])  # answers from the top-k passages joined
+    label: LabelConfig | None = None  # generator + prompt for ExpUtil and answers; `uae-ray run` fills in its label
+    base_encoder: str = "all-minilm-l6-v2"  # the base system (and first stage of every re-ranker)
+    rerank_top_k: int = Field(20, ge=1)  # re-rankers re-order the base encoder's top K
+    open_scope: Literal["auto", "document", "corpus"] = "auto"  # auto: as mine_report.json says, else by corpus
+    rankgpt_window: int = Field(5, ge=2)
+    rankgpt_step: int = Field(3, ge=1)
+    rankgpt_passage_tokens: int = Field(64, ge=8)
+    reward_max_length: int = Field(256, ge=16)
+    seed: int = 13  # which queries form the LLM / generation subsets (deterministic)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateConfig:
+        known = {"bm25", "base", "infonce", "uae", "reward_rerank", "upr", "rankgpt"}
+        unknown = sorted(set(self.systems) - known)
+        if unknown:
+            raise ValueError(f"unknown systems {unknown}; known: {sorted(known)}")
+        if min([*self.ks, *self.exp_util_ks, *self.generate_ks], default=1) < 1:
+            raise ValueError("every k in ks, exp_util_ks and generate_ks must be >= 1")
+        if self.rankgpt_step > self.rankgpt_window:
+            raise ValueError("rankgpt_step must be <= rankgpt_window (else windows leave gaps)")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------------- serve

@@ -1,0 +1,77 @@
+"""PNG plots of the report: Recall@k curves per system, and quality against per-query latency (log scale)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from uae_ray.eval.report import LLM_SYSTEMS, SYSTEM_ORDER
+
+_STYLE = {"uae": ("tab:red", "o"), "base": ("tab:blue", "s"), "infonce": ("tab:purple", "D"),
+          "bm25": ("tab:gray", "v"), "reward_rerank": ("tab:green", "P"), "upr": ("tab:orange", "^"),
+          "rankgpt": ("tab:brown", "X")}
+
+
+def recall_curves(settings: Mapping[str, Any], ks: Sequence[int], out: Path) -> Path:
+    """One panel per setting: Recall@k (%) against k for every system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
+    for ax, (setting, block) in zip(axes[0], settings.items(), strict=True):
+        systems = block.get("systems", {})
+        for name in [s for s in SYSTEM_ORDER if s in systems]:
+            ys = [systems[name].get(f"recall@{k}") for k in ks]
+            if any(y is None for y in ys):
+                continue
+            color, marker = _STYLE.get(name, ("black", "."))
+            ax.plot(ks, [100 * y for y in ys], marker=marker, color=color, lw=2.5 if name == "uae" else 1.2,
+                    label=f"{name} (n={systems[name]['n_queries']})")
+        ax.set_xscale("log")
+        ax.set_xticks(list(ks), [str(k) for k in ks])
+        ax.set_xlabel("k")
+        ax.set_ylabel("Recall@k (%)")
+        ax.set_title(f"{setting} setting")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def quality_vs_latency(settings: Mapping[str, Any], metric: str, out: Path) -> Path:
+    """Per setting: ``metric`` against mean per-query latency (log x), on the LLM subset where there is one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
+    for ax, (setting, block) in zip(axes[0], settings.items(), strict=True):
+        sub = block.get("llm_subset") or block
+        systems = sub.get("systems", {})
+        for name in [s for s in SYSTEM_ORDER if s in systems]:
+            m = systems[name]
+            x, y = m["latency"]["mean_ms"], m.get(metric)
+            if x is None or y is None:
+                continue
+            color, marker = _STYLE.get(name, ("black", "."))
+            scale = 1.0 if metric.startswith("exputil") else 100.0
+            ax.scatter([x], [scale * y], color=color, marker=marker, s=120 if name in ("uae", *LLM_SYSTEMS) else 60,
+                       label=name, zorder=3)
+            ax.annotate(name, (x, scale * y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("latency per query (ms, log scale)")
+        ax.set_ylabel(metric + ("" if metric.startswith("exputil") else " (%)"))
+        n = sub.get("n_queries")
+        ax.set_title(f"{setting} setting" + (f" ({n} shared queries)" if n else ""))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,126 @@
+"""Per-query metrics from stored rankings, their means per system and setting, and report.json / report.md."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from uae_ray import metrics as M
+
+LLM_SYSTEMS = ("upr", "rankgpt")
+SYSTEM_ORDER = ("bm25", "base", "infonce", "uae", "reward_rerank", "upr", "rankgpt")
+
+
+def utilities_by_query(table: pa.Table | None) -> dict[str, dict[str, float]]:
+    """qid -> pid -> utility, from a utilities table (later rows win)."""
+    out: dict[str, dict[str, float]] = {}
+    if table is None:
+        return out
+    for q, p, u in zip(table.column("qid").to_pylist(), table.column("pid").to_pylist(),
+                       table.column("utility").to_pylist(), strict=True):
+        out.setdefault(str(q), {})[str(p)] = float(u)
+    return out
+
+
+def retrieval_metrics(ranking: Sequence[str], gold: set[str], labels: Mapping[str, float] | None, *,
+                      ks: Sequence[int], exp_util_ks: Sequence[int]) -> dict[str, float | None]:
+    """Every retrieval metric of one query's ranking.
+
+    ``ndcg@10`` is graded by utility where the query has labels (else binary gold, as ``ndcg@10_gold``);
+    ``exputil@k`` is None when a top-k passage has no label.
+    """
+    out: dict[str, float | None] = {f"recall@{k}": M.recall_at_k(ranking, gold, k) for k in ks}
+    out["mrr"] = M.reciprocal_rank(ranking, gold)
+    out["map"] = M.average_precision(ranking, gold)
+    out["ndcg@10_gold"] = M.ndcg_at_k(ranking, M.binary_gains(gold), 10)
+    out["ndcg@10"] = M.ndcg_at_k(ranking, M.utility_gains(labels), 10) if labels else out["ndcg@10_gold"]
+    for k in exp_util_ks:
+        try:
+            out[f"exputil@{k}"] = M.exp_util_at_k(ranking, labels or {}, k)
+        except KeyError:
+            out[f"exputil@{k}"] = None
+    return out
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> dict[str, Any]:
+    """Means over queries of each metric (queries where a metric is None are left out and counted)."""
+    out: dict[str, Any] = {"n_queries": len(rows)}
+    for name in metric_names:
+        vals = [float(r[name]) for r in rows if r.get(name) is not None]
+        out[name] = M.mean(vals)
+        if len(vals) != len(rows):
+            out[f"{name}_n"] = len(vals)
+    return out
+
+
+def speedups(setting_block: Mapping[str, Any], student: str = "uae") -> dict[str, float]:
+    """Per-query latency ratio (mean) of each LLM re-ranker over ``student`` in one setting's systems."""
+    systems = setting_block.get("systems", {})
+    if student not in systems:
+        return {}
+    base = systems[student]["latency"]["mean_ms"]
+    out = {}
+    for name in LLM_SYSTEMS:
+        if name in systems and base:
+            out[name] = systems[name]["latency"]["mean_ms"] / base
+    return out
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{100 * v:.1f}" if pct else f"{v:.3f}"
+    return str(v)
+
+
+def markdown_table(block: Mapping[str, Any], ks: Sequence[int], exp_util_ks: Sequence[int],
+                   gen_cols: Sequence[str]) -> str:
+    """One setting's systems as a GitHub table (Recall/MRR/MAP/nDCG in %, ExpUtil in nats, latency in ms)."""
+    cols = [f"recall@{k}" for k in ks] + ["mrr", "map", "ndcg@10"] + [f"exputil@{k}" for k in exp_util_ks]
+    head = ["system", "n", *[c.replace("recall", "R") for c in cols], *gen_cols, "ms/query"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    systems = block.get("systems", {})
+    for name in [s for s in SYSTEM_ORDER if s in systems]:
+        m = systems[name]
+        cells = [name, str(m["n_queries"])]
+        cells += [_fmt(m.get(c), pct=not c.startswith("exputil")) for c in cols]
+        cells += [_fmt(m.get("generation", {}).get(c), pct=True) for c in gen_cols]
+        cells.append(_fmt(m["latency"]["mean_ms"]) if m["latency"]["mean_ms"] is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """report.md: a header with the data and models, a table per setting, the LLM-subset tables and speed-ups."""
+    ks, eks = report["ks"], report["exp_util_ks"]
+    gen_cols = report.get("generation_columns", [])
+    ds = report["dataset"]
+    out = [
+        f"# UAE evaluation: {ds['run_dir']} ({report['split']} split)",
+        "",
+        f"{ds['queries']} queries, {ds['passages']} passages in {ds['documents']} documents; open scope: "
+        f"{report['open_scope']}. Generator: {report['models'].get('generator')}; base encoder: "
+        f"{report['models'].get('base')}. Recall/MRR/MAP/nDCG/F1/ROUGE-L in %, ExpUtil in nats (mean utility of the "
+        "top-k passages), latency in ms per query (one query at a time, this machine).",
+        "",
+    ]
+    for setting, block in report["settings"].items():
+        out += [f"## {setting} setting", "", markdown_table(block, ks, eks, gen_cols), ""]
+        for name, reason in block.get("skipped", {}).items():
+            out.append(f"- skipped `{name}`: {reason}")
+        sub = block.get("llm_subset")
+        if sub:
+            out += ["", f"Same {sub['n_queries']} queries for every system (the LLM re-rankers' subset):", "",
+                    markdown_table(sub, ks, eks, []), ""]
+        sp = block.get("speedup_vs_llm", {})
+        if sp:
+            out.append("Speed-up of UAE per query: " + ", ".join(f"{v:.0f}x over {k}" for k, v in sp.items()))
+        if block.get("rankgpt_parse"):
+            out.append(f"RankGPT permutation parsing (windows): {block['rankgpt_parse']}")
+        out.append("")
+    for name in report.get("plots", []):
+        out.append(f"![{name}]({name})")
+    return "\n".join(out) + "\n"

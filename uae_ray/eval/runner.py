@@ -1,0 +1,179 @@
+"""Building the systems from a run directory, and the on-demand steps of an evaluation (labels, answers).
+
+The ``evaluate`` stage only sequences these; each function reads what it needs and returns tables or dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from uae_ray.config import EvaluateConfig, LabelConfig
+from uae_ray.data.schema import ENCODER, ENCODER_INFONCE, INDEX, REWARD_MODEL
+from uae_ray.eval.systems import BM25System, Corpus, DenseSystem, RerankSystem, RewardReranker, System
+from uae_ray.runtime import RunDir
+
+log = logging.getLogger("uae_ray")
+
+
+def stable_order(qids: Sequence[str], seed: int) -> list[str]:
+    """``qids`` in a deterministic pseudo-random order (subsets taken from its head mix documents)."""
+    return sorted(qids, key=lambda q: hashlib.sha1(f"{seed}:{q}".encode()).hexdigest())
+
+
+def fingerprint(obj: Any) -> str:
+    """sha1 of the JSON of ``obj`` (sorted keys)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def encode_rows(model: Any, corpus: Corpus, rows: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+    """float32 [n_corpus, d] with the vectors of ``rows`` filled in (the other rows stay 0: never ranked)."""
+    from tqdm.auto import tqdm
+
+    from uae_ray.models.encoder import encode
+
+    dim = model.get_embedding_dimension()
+    out = np.zeros((len(corpus.pids), dim), dtype=np.float32)
+    rows = np.unique(rows)
+    for start in tqdm(range(0, len(rows), 1024), desc="encode passages", leave=False):
+        part = rows[start : start + 1024]
+        out[part] = encode(model, [corpus.texts[r] for r in part], batch_size=batch_size, bf16=True)
+    return out
+
+
+@dataclass
+class SystemSet:
+    """The systems that could be built, the reasons the others could not, and their model fingerprints."""
+
+    systems: dict[str, System] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)
+    index_used: dict[str, str] = field(default_factory=dict)
+
+
+def _model_dir(run_dir: RunDir, name: str) -> str | None:
+    return str(run_dir.fetch_dir(name)) if run_dir.dir_complete(name) else None
+
+
+def build_systems(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corpus: Corpus, needed_rows: np.ndarray,
+                  *, open_corpus: bool) -> SystemSet:
+    """Every system of ``cfg.systems`` whose inputs exist; missing inputs become skip reasons.
+
+    Args:
+        needed_rows: corpus rows any system may rank (dense encoders encode only these).
+        open_corpus: open retrieval over the whole corpus (the UAE system then searches the FAISS index when
+            the index was built with the UAE encoder).
+    """
+    from uae_ray.index.source import encoder_fingerprint
+    from uae_ray.models.encoder import load_encoder
+
+    out = SystemSet()
+    wanted = set(cfg.systems)
+    if "bm25" in wanted:
+        out.systems["bm25"] = BM25System(corpus)
+    dense_dirs = {"base": cfg.base_encoder, "infonce": _model_dir(run_dir, ENCODER_INFONCE),
+                  "uae": _model_dir(run_dir, ENCODER)}
+    needs_base = wanted & {"base", "reward_rerank", "upr", "rankgpt"}
+    for name, path in dense_dirs.items():
+        if name not in wanted and not (name == "base" and needs_base):
+            continue
+        if path is None:
+            dirname = ENCODER_INFONCE if name == "infonce" else ENCODER
+            out.skipped[name] = f"{run_dir.path(dirname)} missing or incomplete (run train-encoder first)"
+            continue
+        model = load_encoder(path)
+        index = None
+        if name == "uae" and open_corpus and run_dir.dir_complete(INDEX):
+            from uae_ray.index.search import ShardedIndex
+
+            idx = ShardedIndex.load(run_dir.fetch_dir(INDEX))
+            if idx.manifest.get("encoder") == f"run:{ENCODER}":
+                index = idx
+                out.index_used[name] = f"FAISS {idx.manifest.get('factory')} x {idx.manifest.get('num_shards')}"
+        vectors = encode_rows(model, corpus, needed_rows if index is None else np.arange(len(corpus.pids)))
+        out.systems[name] = DenseSystem(name, model, vectors, index=index, corpus=corpus)
+        out.models[name] = f"{path} ({encoder_fingerprint(path)})"
+    base = out.systems.get("base")
+    if "reward_rerank" in wanted:
+        path = _model_dir(run_dir, REWARD_MODEL)
+        if path is None:
+            out.skipped["reward_rerank"] = f"{run_dir.path(REWARD_MODEL)} missing (run train-reward first)"
+        elif base is not None:
+            from uae_ray.index.source import encoder_fingerprint
+            from uae_ray.models.reward import load_reward_model
+
+            model, tok = load_reward_model(path)
+            out.systems["reward_rerank"] = RerankSystem(
+                "reward_rerank", base, RewardReranker(model, tok, max_length=cfg.reward_max_length), corpus,
+                cfg.rerank_top_k)
+            out.models["reward_rerank"] = f"{path} ({encoder_fingerprint(path)})"
+    if wanted & {"upr", "rankgpt"} and base is not None:
+        from uae_ray.eval.rerankers import ListwiseReranker, QueryLikelihoodReranker
+        from uae_ray.models.registry import load_causal_lm
+
+        lm, tok = load_causal_lm(label.generator, label.dtype)
+        out.models["generator"] = label.generator
+        if "upr" in wanted:
+            out.systems["upr"] = RerankSystem("upr", base, QueryLikelihoodReranker(
+                lm, tok, max_passage_tokens=label.max_passage_tokens), corpus, cfg.rerank_top_k)
+        if "rankgpt" in wanted:
+            out.systems["rankgpt"] = RerankSystem("rankgpt", base, ListwiseReranker(
+                lm, tok, window=cfg.rankgpt_window, step=cfg.rankgpt_step,
+                max_passage_tokens=cfg.rankgpt_passage_tokens, max_new_tokens=6 * cfg.rankgpt_window), corpus,
+                cfg.rerank_top_k)
+    if "base" not in wanted:
+        out.systems.pop("base", None)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- on-demand labels
+def label_missing(label: LabelConfig, queries: pa.Table, corpus: Corpus, pairs: list[tuple[str, str]]) -> pa.Table:
+    """Utilities of ``pairs`` (qid, pid) with the run's generator and prompt (labeling's in-process path)."""
+    from uae_ray.labeling.pipeline import label_pairs_local
+    from uae_ray.labeling.prompts import prompt_version_for
+    from uae_ray.labeling.scorers import make_scorer
+
+    table = pa.table({"qid": [q for q, _ in pairs], "pid": [p for _, p in pairs],
+                      "text": [corpus.texts[corpus.row_of[p]] for _, p in pairs]})
+    return label_pairs_local(make_scorer(label), queries, table, aggregate=label.answer_aggregate,
+                             generator=label.generator, prompt_version=prompt_version_for(label))
+
+
+# ---------------------------------------------------------------------------------------------------- answers
+def answer_key(qid: str, pids: Sequence[str]) -> str:
+    return qid + "\x1f" + "\x1f".join(pids)
+
+
+def generate_answers(label: LabelConfig, corpus: Corpus, requests: list[tuple[str, str, list[str]]], *,
+                     max_new_tokens: int, batch_size: int = 8) -> dict[str, str]:
+    """Greedy answers for (qid, question, context pids): the labeling prompt with the passages joined.
+
+    Returns:
+        answer_key(qid, pids) -> answer text.
+    """
+    from tqdm.auto import tqdm
+
+    from uae_ray.eval.rerankers import _chat_ids, _cut, greedy_generate
+    from uae_ray.labeling.prompts import build_messages, system_prompt_for
+    from uae_ray.models.registry import load_causal_lm
+
+    if not requests:
+        return {}
+    lm, tok = load_causal_lm(label.generator, label.dtype)
+    system = system_prompt_for(label)
+    prompts = []
+    for _, question, pids in requests:
+        context = "\n\n".join(_cut(tok, corpus.texts[corpus.row_of[p]], label.max_passage_tokens) for p in pids)
+        prompts.append(_chat_ids(tok, build_messages(system, question, context)))
+    answers: list[str] = []
+    for start in tqdm(range(0, len(prompts), 32), desc="generate answers", leave=False):
+        answers += greedy_generate(lm, tok, prompts[start : start + 32], max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size)
+    return {answer_key(q, p): a for (q, _, p), a in zip(requests, answers, strict=True)}
