@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from uae_ray.config import PrepareConfig
 from uae_ray.data import schema
 from uae_ray.data.chunking import Windower, gold_windows
-from uae_ray.data.loaders import FILE_LOADERS, Chunk, DataError, LoadStats, load_hf
+from uae_ray.data.loaders import FILE_LOADERS, Chunk, DataError, LoadStats, Query, load_hf
 from uae_ray.data.splits import split_for_document
 from uae_ray.runtime import RunDir
 
@@ -155,8 +155,9 @@ def _process(cfg: PrepareConfig, windower: Windower, pending: list[tuple[str, Ch
             _write_query(cfg, source, q, windows_of, texts_of, st, stats)
 
 
-def _write_query(cfg: PrepareConfig, source: str, q: Any, windows_of: dict[str, list[str]],
+def _write_query(cfg: PrepareConfig, source: str, q: Query, windows_of: dict[str, list[str]],
                  texts_of: dict[str, list[str]], st: _State, stats: LoadStats) -> None:
+    """Resolve ``q``'s gold windows and append it, or count why it is skipped."""
     if q.qid in st.qids:
         raise DataError(source, q.where, "qid", f"duplicate question id {q.qid!r} (first in {st.qids[q.qid]})")
     st.qids[q.qid] = source
