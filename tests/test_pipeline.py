@@ -1,0 +1,88 @@
+"""The pipeline's sequencing: markers, skip when current, stale on config change, resume after a crash; and the
+demo config end to end (slow: needs every stage)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from uae_ray.config import load_pipeline_config
+from uae_ray.data import schema as S
+from uae_ray.runtime import RunDir
+from uae_ray.stages import pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+DEMO_DATA = ROOT / "uae_ray" / "assets" / "demo.jsonl"
+
+
+def _cfg(*overrides: str):
+    return load_pipeline_config(DEMO, [f"prepare.inputs=[{{path: {DEMO_DATA}}}]", *overrides])
+
+
+def test_plan_order_and_evaluate_inherits_label():
+    cfg = _cfg("label.max_passage_tokens=96")
+    steps = pipeline.plan(cfg)
+    assert [s.name for s in steps] == ["prepare", "mine", "label", "train-reward", "score-reward", "train-encoder",
+                                       "train-encoder-ablation", "index", "evaluate"]
+    ev = steps[-1].config
+    assert ev.label is not None and ev.label.max_passage_tokens == 96
+    assert "train-encoder-ablation" in steps[-1].upstream
+    no_abl = load_pipeline_config(DEMO, ["train-encoder-ablation=null"])
+    assert "train-encoder-ablation" not in [s.name for s in pipeline.plan(no_abl)]
+
+
+def test_markers_skip_stale_and_resume(tmp_path: Path):
+    rd = RunDir(tmp_path / "run")
+    cfg = _cfg()
+    first = pipeline.run(cfg, rd, until="prepare")
+    assert list(first) == ["prepare"] and first["prepare"]["state"] == "new"
+    marker = json.loads((rd.local_path("pipeline") / "prepare.json").read_text())
+    assert marker["status"] == "done" and rd.exists(S.CORPUS)
+    mtime = rd.local_path(S.CORPUS).stat().st_mtime_ns
+
+    again = pipeline.run(cfg, rd, until="prepare")
+    assert again["prepare"]["state"] == "current"
+    assert rd.local_path(S.CORPUS).stat().st_mtime_ns == mtime  # nothing rewritten
+
+    changed = _cfg("prepare.max_passage_tokens=64")
+    stale = pipeline.run(changed, rd, until="prepare")
+    assert stale["prepare"]["state"] == "stale"
+    new_marker = json.loads((rd.local_path("pipeline") / "prepare.json").read_text())
+    assert new_marker["run_id"] != marker["run_id"] and new_marker["fingerprint"] != marker["fingerprint"]
+    # downstream steps see the new upstream run id: their fingerprint changes
+    steps = {s.name: s for s in pipeline.plan(changed)}
+    assert pipeline.fingerprint(steps["mine"], {"prepare": marker["run_id"]}) != pipeline.fingerprint(
+        steps["mine"], {"prepare": new_marker["run_id"]})
+
+    # a crash leaves the marker 'running' with the same fingerprint: the step resumes (outputs kept)
+    (rd.local_path("pipeline") / "prepare.json").write_text(json.dumps({**new_marker, "status": "running"}))
+    assert pipeline.step_state(pipeline.read_marker(rd, "prepare"), new_marker["fingerprint"]) == "resume"
+    resumed = pipeline.run(changed, rd, until="prepare")
+    assert resumed["prepare"]["state"] == "resume"
+
+
+def test_until_must_name_a_step(tmp_path: Path):
+    with pytest.raises(ValueError, match="--until 'serve'"):
+        pipeline.run(_cfg(), RunDir(tmp_path / "run"), until="serve")
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end_shrunk(tmp_path: Path, ray_session, capsys):
+    cfg = _cfg(
+        "prepare.max_docs_per_split=3",
+        "train-reward.epochs=1", "train-encoder.epochs=1", "train-encoder-ablation.epochs=1",
+        "evaluate.llm_rerank_max_queries=2", "evaluate.generate_max_queries=2", "evaluate.max_new_tokens=8",
+        "evaluate.rerank_top_k=4", "evaluate.rankgpt_window=3", "evaluate.rankgpt_step=2",
+    )
+    rd = RunDir(tmp_path / "run")
+    result = pipeline.run(cfg, rd)
+    assert [r["state"] for r in result.values()] == ["new"] * 9
+    report = json.loads((rd.local_path(S.EVAL) / "report.json").read_text())
+    systems = report["settings"]["pool"]["systems"]
+    assert {"bm25", "base", "infonce", "uae", "reward_rerank", "upr", "rankgpt"} <= set(systems)
+    assert "| uae |" in capsys.readouterr().out  # the result table is printed
+    again = pipeline.run(cfg, rd)
+    assert {r["state"] for r in again.values()} == {"current"}
