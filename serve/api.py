@@ -46,6 +46,8 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(262_144, ge=1024)
     token_env: str = "UAE_RAY_TOKEN"
     retries: int = Field(2, ge=0)  # per shard / encoder call, when a replica died under the request
+    max_surge_percent: int = Field(100, ge=0, le=100)  # rollouts start new replicas before old ones stop
+    graceful_shutdown_timeout_s: float = Field(60.0, gt=0)  # old replicas finish in-flight requests
 
 
 class RetrieverSettings(BaseModel):

@@ -110,6 +110,15 @@ class IndexShard:
         if len(self.meta) != self.index.ntotal:
             raise ValueError(f"{index_dir}: shard {shard}: {self.index.ntotal} vectors but {len(self.meta)} ids")
 
+    def stats(self) -> dict[str, Any]:
+        """Shard size and this replica's memory (RSS, and USS: pages only this process holds; mapped files are
+        shared through the page cache and count in RSS only once they are touched)."""
+        import psutil
+
+        mem = psutil.Process().memory_full_info()
+        return {"shard": self.shard, "ntotal": int(self.index.ntotal), "rss_mb": mem.rss / 2**20,
+                "uss_mb": mem.uss / 2**20}
+
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict[int, tuple]]:
         """(scores [n, k'], global ids [n, k'], {id: (pid, doc_id, text)} of the returned ids), k' = min(k, size)."""
         scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, int(self.index.ntotal)))
@@ -291,6 +300,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
         raise ValueError(f"{rd.path(manifest_name)}: no encoder recorded; pass encoder=...")
     version = _version(a, manifest_text, encoder)
     pin = {"resources": {a.node_resource: 0.001}} if a.node_resource else {}
+    # a rollout (new index or encoder) starts the new replicas first and lets the old ones drain: no dropped request
+    rollout = {"max_surge_percent": a.max_surge_percent, "graceful_shutdown_timeout_s": a.graceful_shutdown_timeout_s}
     token = os.environ.get(a.token_env)
     settings = RetrieverSettings(
         max_k=a.max_k, max_queries=a.max_queries, max_query_chars=a.max_query_chars, max_body_bytes=a.max_body_bytes,
@@ -299,16 +310,16 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
         index_info={k: manifest.get(k) for k in ("encoder", "dim", "factory", "num_shards", "vectors", "created_at")},
     )
     encoder_app = QueryEncoder.options(
-        num_replicas=a.encoder_replicas, ray_actor_options={"num_cpus": a.encoder_num_cpus, **pin},
+        num_replicas=a.encoder_replicas, ray_actor_options={"num_cpus": a.encoder_num_cpus, **pin}, **rollout,
         user_config={"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s},
     ).bind(a.run_dir, encoder, a.index, a.max_query_tokens)
     shards = [
         IndexShard.options(
             name=shard_deployment(s), num_replicas=a.shard_replicas,
-            ray_actor_options={"num_cpus": a.shard_num_cpus, **pin},
+            ray_actor_options={"num_cpus": a.shard_num_cpus, **pin}, **rollout,
         ).bind(a.run_dir, a.index, s, a.mmap)
         for s in range(int(manifest["num_shards"]))
     ]
     return Retriever.options(
-        num_replicas=a.ingress_replicas, ray_actor_options={"num_cpus": a.ingress_num_cpus, **pin}
+        num_replicas=a.ingress_replicas, ray_actor_options={"num_cpus": a.ingress_num_cpus, **pin}, **rollout,
     ).bind(encoder_app, shards, settings)

@@ -91,6 +91,18 @@ def monkeypatch_module():
     mp.undo()
 
 
+def test_serve_stage_args_are_valid_app_args(tmp_path):
+    from serve.api import AppArgs
+    from uae_ray.config import ServeConfig
+    from uae_ray.stages.serve import app_args, import_app_module
+
+    args = AppArgs.model_validate(app_args(ServeConfig(shard_replicas=3, max_k=20), RunDir(tmp_path)))
+    assert (args.shard_replicas, args.max_k, args.encoder) == (3, 20, None)
+    assert import_app_module().build_app is not None
+    with pytest.raises(FileNotFoundError, match="uae-ray index"):
+        import_app_module().build_app(args)  # no index in this run dir: a clear error, before any deployment
+
+
 def test_search_matches_in_process_index(client, runs):
     from uae_ray.models.encoder import encode, load_encoder
 
