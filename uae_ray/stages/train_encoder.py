@@ -32,8 +32,9 @@ def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
         return {"skipped": f"{out}/ and {report_name(out)} exist", "steps": report.get("steps")}
     queries, corpus = run_dir.read_table(QUERIES), run_dir.read_table(CORPUS)
     candidates = run_dir.read_table(CANDIDATES)
+    # the gold-only ablation is the plain supervised baseline: no teacher anywhere (negatives by base similarity)
     needs_teacher = EncoderLoss(cfg.loss) is not EncoderLoss.INFONCE
-    teacher = run_dir.read_table(TEACHER_SCORES) if run_dir.exists(TEACHER_SCORES) else None
+    teacher = run_dir.read_table(TEACHER_SCORES) if needs_teacher and run_dir.exists(TEACHER_SCORES) else None
     if needs_teacher and teacher is None:
         raise FileNotFoundError(
             f"{run_dir.path(TEACHER_SCORES)} not found: loss={cfg.loss} needs teacher scores (run score-reward first)"

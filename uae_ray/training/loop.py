@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -100,6 +101,7 @@ def _run_epochs(
             f"{desc}: {n_examples} training examples cannot fill one step of {world} workers x {per_worker} queries"
         )
     params = [p for p in model.parameters() if p.requires_grad]
+    t0 = time.perf_counter()
     bar = tqdm(total=n_steps * epochs, initial=state.global_step, desc=desc, disable=rank != 0, mininterval=5)
     for epoch in range(state.epoch, epochs):
         state.epoch = epoch
@@ -118,7 +120,8 @@ def _run_epochs(
             end_of_epoch = step + 1 == n_steps
             if end_of_epoch:
                 state.epoch, state.step_in_epoch = epoch + 1, 0
-            state.history.append({"step": state.global_step, "epoch": epoch, "loss": global_loss})
+            seconds = round(time.perf_counter() - t0, 3)  # since this run's first step (throughput; resets on resume)
+            state.history.append({"step": state.global_step, "epoch": epoch, "loss": global_loss, "seconds": seconds})
             save = end_of_epoch or (checkpoint_every > 0 and state.global_step % checkpoint_every == 0)
             metrics = {"step": state.global_step, "epoch": epoch, "loss": global_loss}
             _report(metrics, save=save, rank=rank, model=model, optimizer=optimizer, state=state)

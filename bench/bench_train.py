@@ -1,0 +1,202 @@
+"""Training benchmarks: Ray Train throughput at 1 and 2 workers, the dev-split sweep, and pool-setting R@1 / MAP.
+
+Modes (each writes JSON under bench/results/ and prints a table):
+
+    # examples/s of the student (and reward model) at 1 worker x 2 CPUs and 2 workers x 1 CPU
+    .venv/bin/python bench/bench_train.py throughput --run-dir RUN [--steps 12]
+    # small grid on the dev split (never test): each point trains a student copy and scores dev pools
+    .venv/bin/python bench/bench_train.py sweep --run-dir RUN --grid tau_s=0.02,0.05 gold_mix=0.3,0.7
+    # pool setting: rank each dev query's candidate pool with each encoder; Recall@1 and MAP against gold
+    .venv/bin/python bench/bench_train.py pool-eval --run-dir RUN --encoders base run:encoder_infonce run:encoder
+
+RUN is a run directory with queries, corpus, candidates, utilities/ and (for uae/kl) teacher_scores.parquet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from uae_ray.config import TrainEncoderConfig, TrainRewardConfig, TrainScaling  # noqa: E402
+from uae_ray.data import schema  # noqa: E402
+from uae_ray.metrics import average_precision, recall_at_k  # noqa: E402
+from uae_ray.runtime import RunDir, init_ray  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+SCALINGS = {"1x2cpu": TrainScaling(num_workers=1, cpus_per_worker=2), "2x1cpu": TrainScaling(num_workers=2)}
+
+
+# ------------------------------------------------------------------------------------------------------- pool eval
+def pool_metrics(run_dir: RunDir, encoder: str, split: str = "dev", max_length: int = 256) -> dict[str, float]:
+    """Recall@1 and MAP of ``encoder`` ranking each ``split`` query's candidate pool (gold from queries.parquet).
+
+    ``encoder``: ``base`` (the embedded MiniLM), ``run:<dir>`` (a model directory in the run dir) or a name/path.
+    """
+    from uae_ray.models.encoder import encode, load_encoder
+
+    name = "all-minilm-l6-v2" if encoder == "base" else encoder
+    if name.startswith("run:"):
+        name = str(run_dir.fetch_dir(name[4:]))
+    model = load_encoder(name)
+    q = {r["qid"]: r for r in run_dir.read_table(schema.QUERIES).to_pylist() if r["split"] == split}
+    texts = {r["pid"]: r["text"] for r in run_dir.read_table(schema.CORPUS, columns=["pid", "text"]).to_pylist()}
+    pools: dict[str, list[str]] = {}
+    for r in run_dir.read_table(schema.CANDIDATES, columns=["qid", "pid"]).to_pylist():
+        if r["qid"] in q:
+            pools.setdefault(r["qid"], []).append(r["pid"])
+    qids = sorted(qid for qid in pools if q[qid]["gold_pids"])
+    pids = sorted({p for qid in qids for p in pools[qid]})
+    pvec = dict(zip(pids, encode(model, [texts[p] for p in pids], max_length=max_length), strict=True))
+    qvec = encode(model, [q[qid]["question"] for qid in qids], max_length=64)
+    r1, ap, gold_in_pool = [], [], 0
+    for qid, v in zip(qids, qvec, strict=True):
+        cand = pools[qid]
+        scores = np.stack([pvec[p] for p in cand]) @ v
+        ranking = [cand[i] for i in np.argsort(-scores, kind="stable")]
+        gold = set(q[qid]["gold_pids"])
+        gold_in_pool += bool(gold & set(cand))
+        r1.append(recall_at_k(ranking, gold, 1))
+        ap.append(average_precision(ranking, gold))
+    return {"queries": len(qids), "gold_in_pool": gold_in_pool, "R@1": float(np.mean(r1)), "MAP": float(np.mean(ap))}
+
+
+# ------------------------------------------------------------------------------------------------------ throughput
+def _throughput(history: list[dict], examples_per_step: int) -> float | None:
+    """Examples/s over the steady state: from the end of step 1 (warm-up) to the last step."""
+    if len(history) < 3:
+        return None
+    dt = history[-1]["seconds"] - history[0]["seconds"]
+    return (len(history) - 1) * examples_per_step / dt if dt > 0 else None
+
+
+def _scratch_copy(run_dir: RunDir) -> RunDir:
+    """A scratch run dir with the input tables only, so benchmarking never touches the real models."""
+    import tempfile
+
+    scratch = RunDir(tempfile.mkdtemp(prefix="bench_train-"))
+    for name in (schema.QUERIES, schema.CORPUS, schema.CANDIDATES, schema.TEACHER_SCORES):
+        scratch.write_table(name, run_dir.read_table(name))
+    scratch.write_table(f"{schema.UTILITIES}/part-00000.parquet", run_dir.read_table(schema.UTILITIES))
+    return scratch
+
+
+def throughput(run_dir: RunDir, steps: int, queries_per_step: int) -> list[dict]:
+    from uae_ray.stages import train_encoder, train_reward
+
+    rows = []
+    n_train = run_dir.read_table(schema.QUERIES, columns=["split"])["split"].to_pylist().count("train")
+    for label, scaling in SCALINGS.items():
+        epochs = max(1, -(-steps * scaling.num_workers * queries_per_step // max(1, n_train)))
+        for model in ("encoder", "reward"):
+            scratch = _scratch_copy(run_dir)
+            t0 = time.perf_counter()
+            if model == "encoder":
+                cfg = TrainEncoderConfig(epochs=epochs, queries_per_step=queries_per_step, scaling=scaling)
+                train_encoder.run(cfg, scratch)
+                state = json.loads((scratch.local_path(schema.ENCODER) / "training.json").read_text())["state"]
+            else:
+                cfg = TrainRewardConfig(epochs=epochs, queries_per_step=queries_per_step, eval_max_queries=1,
+                                        scaling=scaling)
+                train_reward.run(cfg, scratch)
+                state = json.loads((scratch.local_path(schema.REWARD_MODEL) / "training.json").read_text())["state"]
+            wall = time.perf_counter() - t0
+            shutil.rmtree(scratch.root, ignore_errors=True)
+            per_step = scaling.num_workers * queries_per_step
+            hist = state["history"][:steps]
+            rows.append({"model": model, "scaling": label, "steps": len(hist), "queries_per_step": per_step,
+                         "queries_per_s": _throughput(hist, per_step), "wall_s_incl_startup": round(wall, 1)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------- sweep
+def sweep(run_dir: RunDir, grid: dict[str, list[float]], base: dict) -> list[dict]:
+    from uae_ray.stages import train_encoder
+
+    keys = sorted(grid)
+    rows = []
+    for i, values in enumerate(itertools.product(*(grid[k] for k in keys))):
+        point = dict(zip(keys, values, strict=True))
+        out = f"sweep_{i:02d}"
+        if run_dir.exists(out) and not run_dir.exists(f"{out}_report.json"):
+            run_dir.remove(out)
+        cfg = TrainEncoderConfig(**{**base, **point, "output": out})
+        prev = run_dir.read_json(f"{out}_report.json")["config"] if run_dir.exists(f"{out}_report.json") else None
+        if prev is not None and prev != cfg.model_dump():  # a different grid: retrain this slot
+            for name in (out, f"{out}_report.json", f"checkpoints/train_encoder-{out}"):
+                if run_dir.exists(name):
+                    run_dir.remove(name)
+        t0 = time.perf_counter()
+        train_encoder.run(cfg, run_dir)
+        metrics = pool_metrics(run_dir, f"run:{out}")
+        rows.append({**point, **metrics, "seconds": round(time.perf_counter() - t0, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _parse_grid(items: list[str]) -> dict[str, list[float]]:
+    grid = {}
+    for item in items:
+        key, _, vals = item.partition("=")
+        grid[key] = [int(v) if key == "n_hard_negatives" else float(v) for v in vals.split(",")]
+    return grid
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+    fmt = [f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for r in rows for c in cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for i in range(len(rows)):
+        lines.append("| " + " | ".join(fmt[i * len(cols) : (i + 1) * len(cols)]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=["throughput", "sweep", "pool-eval"])
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--queries-per-step", type=int, default=4)
+    p.add_argument("--grid", nargs="*", default=[])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--encoders", nargs="*", default=["base", "run:encoder_infonce", "run:encoder"])
+    p.add_argument("--split", default="dev", choices=["train", "dev"])  # never test: defaults are picked on dev
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    run_dir = RunDir(args.run_dir)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.mode == "pool-eval":
+        rows = [{"encoder": e, **pool_metrics(run_dir, e, args.split)} for e in args.encoders]
+    else:
+        init_ray(None, num_cpus=args.num_cpus)
+        if args.mode == "throughput":
+            rows = throughput(run_dir, args.steps, args.queries_per_step)
+        else:
+            base = {"epochs": args.epochs, "max_passage_length": 128, "queries_per_step": 8}
+            rows = sweep(run_dir, _parse_grid(args.grid), base)
+    out = RESULTS / f"bench_train_{args.mode}{'_' + args.tag if args.tag else ''}.json"
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "run_dir": args.run_dir, "rows": rows}, indent=2))
+    print(_table(rows))
+    print(f"wrote {out}")
+    shutil.rmtree(RESULTS / "__pycache__", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
