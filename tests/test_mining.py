@@ -94,7 +94,7 @@ def test_mine_document_scope_gold_and_rerun(ray_session, tmp_path) -> None:
     from uae_ray.stages import mine
 
     rd = write_run(tmp_path, one_passage_docs=False)
-    cfg = MineConfig(pool_size=2, pool={"min_size": 1, "max_size": 2, "batch_size": 4})
+    cfg = MineConfig(pool_size=2, pool={"min_size": 1, "max_size": 1, "batch_size": 4})
     report = mine.run(cfg, rd)
     assert report["scope"] == "document" and report["queries_with_pool"] == 3
     cands = rd.read_table(CANDIDATES)
