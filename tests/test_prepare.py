@@ -166,6 +166,10 @@ def test_cli_prepare_hf_saved_dataset(tmp_path):
     assert rc == 0
     queries = pq.read_table(tmp_path / "run" / schema.QUERIES)
     assert queries.num_rows == 20 and set(queries.column("split").to_pylist()) <= {"train", "dev", "test"}
+    # the saved folder changed -> prepared again, not "up to date"
+    datasets.Dataset.from_list(rows[:5]).save_to_disk(str(tmp_path / "ds"))
+    cfg = PrepareConfig(format="hf", hf_dataset=str(tmp_path / "ds"), hf_layout="generic")
+    assert prepare.run(cfg, RunDir(tmp_path / "run"))["questions_kept"] == 5
 
 
 @pytest.mark.shared_data

@@ -183,10 +183,13 @@ def _write_query(cfg: PrepareConfig, source: str, q: Query, windows_of: dict[str
 
 
 def fingerprint(cfg: PrepareConfig) -> str:
-    """Config plus (path, size, mtime) of each input file: a rerun with the same value has nothing to do."""
+    """Config plus (path, size, mtime) of each input file (of every file of a local ``hf_dataset`` folder): a rerun
+    with the same value has nothing to do. A hub id counts by name only."""
     parts: list[Any] = [cfg.model_dump(mode="json")]
-    for spec in cfg.inputs:
-        p = Path(spec.path).expanduser()
+    paths = [Path(spec.path).expanduser() for spec in cfg.inputs]
+    if cfg.hf_dataset and Path(cfg.hf_dataset).expanduser().is_dir():
+        paths = sorted(p for p in Path(cfg.hf_dataset).expanduser().rglob("*") if p.is_file())
+    for p in paths:
         st = p.stat() if p.exists() else None
         parts.append([str(p.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None])
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
