@@ -270,3 +270,42 @@ def test_hf_saved_dataset_generic_and_missing(tmp_path):
     shutil.rmtree(tmp_path / "gen")
     with pytest.raises(DataError, match="could not load the dataset"):
         list(load_hf(str(tmp_path / "no-such-org/no-such-dataset"), None, "generic", None, LoadStats()))
+
+
+# ------------------------------------------------------------------------------ remaining bad inputs, MRQA and SQuAD
+_MRQA_OK = ('{"id": "", "context": "Paris is in France.", '
+            '"qas": [{"qid": "a", "question": "Where?", "answers": ["France"]}]}')
+
+
+@pytest.mark.parametrize(
+    ("body", "pattern"),
+    [
+        (b'{"header": {"dataset": "X"}}\n{"context": "caf\xe9", "qas": []}\n', r"line 2: not valid UTF-8"),
+        (_MRQA_OK.replace('"Where?"', '"  "').encode(), r"line 1 / qas\[0\]: field 'question': empty question"),
+        (_MRQA_OK.replace('["France"]', '"France"').encode(),
+         r"line 1 / qas\[0\]: field 'answers': expected a list, got str"),
+        (_MRQA_OK.replace('"qas": [', '"qas": [1, ').encode(), r"line 1 / qas\[0\]: expected an object, got int"),
+    ],
+)
+def test_mrqa_more_bad_inputs(tmp_path, body, pattern):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(body)
+    with pytest.raises(DataError, match=rf"bad.jsonl: {pattern}"):
+        list(load_mrqa(path, None, LoadStats()))
+
+
+@pytest.mark.parametrize(
+    ("body", "pattern"),
+    [
+        (b'{"data": [{"title": "T", "paragraphs": [{"context": "\xff", "qas": []}]}]}', r"line 1: not valid UTF-8"),
+        (b'{"data": [{"title": "T",\n "paragraphs": [}]}', r"line 2: invalid JSON"),
+        (b'{"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"id": "a", "question": ""}]}]}]}',
+         r"data\[0\].paragraphs\[0\].qas\[0\]: field 'question': empty question"),
+        (b'{"data": {"title": "T"}}', r"top level: field 'data': expected a list, got dict"),
+    ],
+)
+def test_squad_more_bad_inputs(tmp_path, body, pattern):
+    path = tmp_path / "bad.json"
+    path.write_bytes(body)
+    with pytest.raises(DataError, match=rf"bad.json: {pattern}"):
+        list(load_squad(path, None, LoadStats()))

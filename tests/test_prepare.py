@@ -202,3 +202,11 @@ def test_prepare_real_qasper_dev_and_squad_mrqa(tmp_path, shared_data):
         assert doc_split.setdefault(q["doc_id"], q["split"]) == q["split"]
     assert {s for s in doc_split.values()} == {"train", "dev", "test"}
     assert set(corpus.column("doc_id").to_pylist()) == set(doc_split)
+
+
+def test_prepare_duplicate_question_id_is_fatal(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    line = '{"id": "", "context": "CONTEXT", "qas": [{"qid": "same", "question": "Q?", "answers": ["x"]}]}\n'
+    path.write_text(line.replace("CONTEXT", "One context.") + line.replace("CONTEXT", "Another context."))
+    with pytest.raises(DataError, match=r"dup.jsonl: line 2 / qas\[0\]: field 'qid': duplicate question id 'same'"):
+        prepare.run(PrepareConfig(format="mrqa", inputs=[{"path": str(path)}]), RunDir(tmp_path / "run"))
