@@ -118,8 +118,8 @@ def build_systems(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corp
         from uae_ray.eval.rerankers import ListwiseReranker, QueryLikelihoodReranker
         from uae_ray.models.registry import load_causal_lm
 
-        lm, tok = load_causal_lm(label.generator, label.dtype)
-        out.models["generator"] = label.generator
+        lm, tok = load_causal_lm(label.generator, cfg.llm_dtype or label.dtype)
+        out.models["generator"] = f"{label.generator} ({cfg.llm_dtype or label.dtype})"
         if "upr" in wanted:
             out.systems["upr"] = RerankSystem("upr", base, QueryLikelihoodReranker(
                 lm, tok, max_passage_tokens=label.max_passage_tokens), corpus, cfg.rerank_top_k)
@@ -152,7 +152,7 @@ def answer_key(qid: str, pids: Sequence[str]) -> str:
 
 
 def generate_answers(label: LabelConfig, corpus: Corpus, requests: list[tuple[str, str, list[str]]], *,
-                     max_new_tokens: int, batch_size: int = 8) -> dict[str, str]:
+                     max_new_tokens: int, dtype: str, batch_size: int = 8) -> dict[str, str]:
     """Greedy answers for (qid, question, context pids): the labeling prompt with the passages joined.
 
     Returns:
@@ -166,7 +166,7 @@ def generate_answers(label: LabelConfig, corpus: Corpus, requests: list[tuple[st
 
     if not requests:
         return {}
-    lm, tok = load_causal_lm(label.generator, label.dtype)
+    lm, tok = load_causal_lm(label.generator, dtype)
     system = system_prompt_for(label)
     prompts = []
     for _, question, pids in requests:

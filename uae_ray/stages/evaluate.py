@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from uae_ray.config import EvaluateConfig, LabelConfig
 from uae_ray.data.schema import CANDIDATES, CORPUS, EVAL, MINE_REPORT, QUERIES, UTILITIES
@@ -76,7 +77,8 @@ def _rank_all(cfg: EvaluateConfig, run_dir: RunDir, systems: dict[str, Any], mod
             meta = {"system": name, "setting": setting, "qids": fingerprint([t.qid for t in sub]), "depth": depth,
                     "model": models.get(name), "generator": models.get("generator") if name in LLM_SYSTEMS else None,
                     "config": cfg.model_dump(include={"rerank_top_k", "rankgpt_window", "rankgpt_step",
-                                                      "rankgpt_passage_tokens", "reward_max_length", "base_encoder"})}
+                                                      "rankgpt_passage_tokens", "reward_max_length", "base_encoder",
+                                                      "llm_dtype"})}
             path = f"{EVAL}/rankings/{setting}__{name}"
             if run_dir.exists(f"{path}.json") and run_dir.read_json(f"{path}.json") == meta:
                 out[(setting, name)] = run_dir.read_table(f"{path}.parquet")
@@ -95,7 +97,7 @@ def run(cfg: EvaluateConfig, run_dir: RunDir) -> dict[str, Any]:
     label = cfg.label or LabelConfig()
     corpus_t = run_dir.read_table(CORPUS, columns=["pid", "doc_id", "text"])
     queries_t = run_dir.read_table(QUERIES)
-    queries_t = queries_t.filter(pa.compute.equal(queries_t.column("split"), cfg.split))
+    queries_t = queries_t.filter(pc.equal(queries_t.column("split"), cfg.split))
     if queries_t.num_rows == 0:
         raise ValueError(f"{run_dir.path(QUERIES)}: no queries in split {cfg.split!r} to evaluate")
     corpus = Corpus.from_table(corpus_t)
@@ -175,7 +177,8 @@ def _answers(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corpus: C
                     seen.add(key)
                     requests.append((q, questions[q_rows[q]], ps[:g]))
     if requests:
-        new = generate_answers(label, corpus, requests, max_new_tokens=cfg.max_new_tokens)
+        new = generate_answers(label, corpus, requests, max_new_tokens=cfg.max_new_tokens,
+                               dtype=cfg.llm_dtype or label.dtype)
         cached.update(new)
         run_dir.write_table(ANSWERS, pa.table({"key": list(cached), "answer": list(cached.values())}))
     return cached
