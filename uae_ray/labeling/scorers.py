@@ -239,5 +239,7 @@ def make_scorer(cfg: LabelConfig) -> Scorer:
             dtype=cfg.dtype,
             max_passage_tokens=cfg.max_passage_tokens,
             max_model_len=cfg.max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
         )
     raise ValueError(f"unknown backend {cfg.backend!r}: use hf or vllm")
