@@ -123,13 +123,19 @@ def throughput(run_dir: RunDir, steps: int, queries_per_step: int) -> list[dict]
 
 
 # ----------------------------------------------------------------------------------------------------------- sweep
-def sweep(run_dir: RunDir, grid: dict[str, list[float]], base: dict) -> list[dict]:
+def sweep_points(grid: dict[str, list[float]], one_at_a_time: bool) -> list[dict[str, float]]:
+    """The full product of ``grid``, or (one at a time) the defaults plus each value of each key alone."""
+    keys = sorted(grid)
+    if not one_at_a_time:
+        return [dict(zip(keys, v, strict=True)) for v in itertools.product(*(grid[k] for k in keys))]
+    return [{}] + [{k: v} for k in keys for v in grid[k]]
+
+
+def sweep(run_dir: RunDir, points: list[dict[str, float]], base: dict) -> list[dict]:
     from uae_ray.stages import train_encoder
 
-    keys = sorted(grid)
     rows = []
-    for i, values in enumerate(itertools.product(*(grid[k] for k in keys))):
-        point = dict(zip(keys, values, strict=True))
+    for i, point in enumerate(points):
         out = f"sweep_{i:02d}"
         if run_dir.exists(out) and not run_dir.exists(f"{out}_report.json"):
             run_dir.remove(out)
@@ -142,7 +148,9 @@ def sweep(run_dir: RunDir, grid: dict[str, list[float]], base: dict) -> list[dic
         t0 = time.perf_counter()
         train_encoder.run(cfg, run_dir)
         metrics = pool_metrics(run_dir, f"run:{out}")
-        rows.append({**point, **metrics, "seconds": round(time.perf_counter() - t0, 1)})
+        shown = {k: getattr(cfg, k) for k in ("tau_s", "tau_t", "gold_mix", "n_hard_negatives", "lr")}
+        changed = ",".join(f"{k}={v}" for k, v in point.items()) or "defaults"
+        rows.append({"point": changed, **shown, **metrics, "seconds": round(time.perf_counter() - t0, 1)})
         print(rows[-1], flush=True)
     return rows
 
@@ -174,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries-per-step", type=int, default=4)
     p.add_argument("--grid", nargs="*", default=[])
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--one-at-a-time", action="store_true", help="sweep: vary one key at a time from the defaults")
+    p.add_argument("--max-passage-length", type=int, default=128)
+    p.add_argument("--sweep-queries-per-step", type=int, default=8)
     p.add_argument("--encoders", nargs="*", default=["base", "run:encoder_infonce", "run:encoder"])
     p.add_argument("--split", default="dev", choices=["train", "dev"])  # never test: defaults are picked on dev
     p.add_argument("--num-cpus", type=int, default=None)
@@ -188,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "throughput":
             rows = throughput(run_dir, args.steps, args.queries_per_step)
         else:
-            base = {"epochs": args.epochs, "max_passage_length": 128, "queries_per_step": 8}
-            rows = sweep(run_dir, _parse_grid(args.grid), base)
+            base = {"epochs": args.epochs, "max_passage_length": args.max_passage_length,
+                    "queries_per_step": args.sweep_queries_per_step}
+            rows = sweep(run_dir, sweep_points(_parse_grid(args.grid), args.one_at_a_time), base)
     out = RESULTS / f"bench_train_{args.mode}{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps({"command": " ".join(sys.argv), "run_dir": args.run_dir, "rows": rows}, indent=2))
     print(_table(rows))

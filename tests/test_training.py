@@ -1,0 +1,235 @@
+"""Training: data grouping and hard negatives, checkpoints, and real 2-worker Ray Train runs (reward model, student,
+kill + resume), plus score-reward through Ray Data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from _training_data import build_tiny_run
+
+from uae_ray.config import ScoreRewardConfig, TrainEncoderConfig, TrainRewardConfig, TrainScaling
+from uae_ray.data import schema
+from uae_ray.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from uae_ray.training.data import (
+    build_encoder_examples,
+    build_reward_groups,
+    heldout_documents,
+    select_hard_negatives,
+    steps_per_epoch,
+    worker_batch,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TWO = TrainScaling(num_workers=2, cpus_per_worker=1)
+
+
+# ------------------------------------------------------------------------------------------------------ data (fast)
+def test_hard_negatives_skip_useful_and_gold():
+    pids = ["g", "a", "b", "c", "d"]
+    base = np.array([0.9, 0.8, 0.7, 0.6, 0.1])
+    teacher = np.array([3.0, 2.5, -1.0, 0.0, -2.0])  # "a" is useful (top 20%): a false negative, never chosen
+    negs = select_hard_negatives(pids, base, teacher, {"g"}, n=3, useful_quantile=0.7)
+    assert "g" not in negs and "a" not in negs
+    assert negs[0] == "b"  # similar to the query yet useless: z(base) - z(teacher) is highest
+    # without a teacher: plain base-similarity order
+    assert select_hard_negatives(pids, base, None, {"g"}, n=2, useful_quantile=0.9) == ["a", "b"]
+
+
+def test_encoder_examples_counts_skips(tmp_path):
+    rd = build_tiny_run(str(tmp_path), n_docs=4)
+    queries = rd.read_table(schema.QUERIES)
+    # one query whose gold passage is not in the corpus
+    q = queries.to_pylist()
+    q[0]["gold_pids"] = ["nope#0"]
+    queries = pa.Table.from_pylist(q, schema=schema.QUERIES_SCHEMA)
+    examples, counts = build_encoder_examples(
+        queries, rd.read_table(schema.CORPUS), rd.read_table(schema.CANDIDATES), rd.read_table(schema.TEACHER_SCORES),
+        n_hard_negatives=3, useful_quantile=0.9,
+    )
+    assert counts["no_gold"] == 1
+    assert counts["examples"] == len(examples) == 7  # 8 train queries in 4 train docs, one without gold
+    for e in examples:
+        assert e.gold[0] and not any(e.gold[1:])
+        assert len(set(e.pids)) == len(e.pids) <= 4
+
+
+def test_reward_groups_and_heldout_by_document(tmp_path):
+    rd = build_tiny_run(str(tmp_path), n_docs=8)
+    util = rd.read_table(schema.UTILITIES)
+    dup = util.slice(0, 1)
+    unknown = pa.Table.from_pylist([{**util.slice(0, 1).to_pylist()[0], "pid": "missing#9"}], schema=util.schema)
+    groups, skips = build_reward_groups(
+        rd.read_table(schema.QUERIES), rd.read_table(schema.CORPUS), pa.concat_tables([util, dup, unknown])
+    )
+    assert skips == {"duplicate_pair": 1, "unknown_pid": 1}
+    assert len(groups) == 16 and all(len(g.pids) == len(g.utilities) >= 2 for g in groups)
+    held = heldout_documents([g.doc_id for g in groups], 0.25, seed=13)
+    assert 1 <= len(held) < 8 and held == heldout_documents([g.doc_id for g in groups], 0.25, seed=13)
+
+
+def test_worker_batches_are_disjoint_and_deterministic():
+    n, world, per = 11, 2, 2
+    steps = steps_per_epoch(n, world, per)
+    assert steps == 2
+    seen = [i for s in range(steps) for r in range(world) for i in
+            worker_batch(n, epoch=0, step=s, rank=r, world=world, per_worker=per, seed=1)]
+    assert len(seen) == len(set(seen)) == 8
+    assert worker_batch(n, epoch=1, step=0, rank=0, world=2, per_worker=2, seed=1) == worker_batch(
+        n, epoch=1, step=0, rank=0, world=2, per_worker=2, seed=1)
+
+
+def test_checkpoint_roundtrip_restores_model_optimizer_and_state(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, model, opt, TrainState(epoch=1, step_in_epoch=2, global_step=7,
+                                                     history=[{"step": 7, "epoch": 1, "loss": 0.5}]))
+    model2 = torch.nn.Linear(4, 2)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    state = load_checkpoint(tmp_path, model2, opt2)
+    assert (state.epoch, state.step_in_epoch, state.global_step) == (1, 2, 7)
+    assert torch.equal(model.weight, model2.weight)
+    s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
+    assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and float(s1["step"]) == float(s2["step"])
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
+        load_checkpoint(tmp_path, model2, opt2)
+
+
+# -------------------------------------------------------------------------------------- Ray Train (2 gloo workers)
+def _epoch_means(history: list[dict]) -> list[float]:
+    epochs = sorted({h["epoch"] for h in history})
+    return [float(np.mean([h["loss"] for h in history if h["epoch"] == e])) for e in epochs]
+
+
+@pytest.fixture(scope="module")
+def trained_reward_run(ray_session, tmp_path_factory):
+    rd = build_tiny_run(str(tmp_path_factory.mktemp("reward_run")), n_docs=8)
+    from uae_ray.stages import train_reward
+
+    cfg = TrainRewardConfig(max_length=48, epochs=3, lr=2e-4, queries_per_step=2, group_size=6,
+                            heldout_fraction=0.15, scaling=TWO)
+    summary = train_reward.run(cfg, rd)
+    return rd, cfg, summary
+
+
+@pytest.mark.slow
+def test_train_reward_two_workers_lowers_loss_and_writes_model(trained_reward_run):
+    from uae_ray.models.reward import load_reward_model, score_pairs
+
+    rd, cfg, summary = trained_reward_run
+    assert rd.dir_complete(schema.REWARD_MODEL)
+    train_log = json.loads((rd.local_path(schema.REWARD_MODEL) / "training.json").read_text())["state"]
+    means = _epoch_means(train_log["history"])
+    assert len(means) == 3 and means[-1] < means[0], means
+    assert [h["step"] for h in train_log["history"]] == list(range(1, summary["steps"] + 1))
+    report = rd.read_json(schema.REWARD_REPORT)
+    assert report["eval"]["heldout"]["reward_model"]["spearman"] is not None
+    assert rd.exists("reward_train_loss.png")
+    assert len(list(rd.local_path(schema.CHECKPOINTS).glob("train_reward/checkpoint_*"))) >= 1
+    model, tok = load_reward_model(str(rd.local_path(schema.REWARD_MODEL)))
+    s = score_pairs(model, tok, ["What color are the feathers of the Zorblat?"] * 2,
+                    ["The Zorblat is a rare creature whose feathers are blue in every season.",
+                     "Scientists catalogued the Quimble in the year 1807 after a long expedition."], max_length=48)
+    assert s.shape == (2,) and np.isfinite(s).all()
+    # a rerun is a no-op
+    from uae_ray.stages import train_reward
+
+    assert "skipped" in train_reward.run(cfg, rd)
+
+
+@pytest.mark.slow
+def test_score_reward_scores_every_candidate(trained_reward_run):
+    from uae_ray.models.reward import load_reward_model, score_pairs
+    from uae_ray.stages import score_reward
+
+    rd, _, _ = trained_reward_run
+    rd.remove(schema.TEACHER_SCORES)  # the fixture's synthetic teacher scores
+    summary = score_reward.run(ScoreRewardConfig(max_length=48), rd)
+    out = rd.read_table(schema.TEACHER_SCORES)
+    cands = rd.read_table(schema.CANDIDATES)
+    assert out.schema.equals(schema.TEACHER_SCORES_SCHEMA)
+    assert summary["scored"] == out.num_rows == cands.num_rows
+    row = out.slice(0, 1).to_pylist()[0]
+    q = {r["qid"]: r["question"] for r in rd.read_table(schema.QUERIES).to_pylist()}[row["qid"]]
+    t = {r["pid"]: r["text"] for r in rd.read_table(schema.CORPUS).to_pylist()}[row["pid"]]
+    model, tok = load_reward_model(str(rd.local_path(schema.REWARD_MODEL)))
+    assert score_pairs(model, tok, [q], [t], max_length=48)[0] == pytest.approx(row["teacher_score"], abs=1e-4)
+    assert "skipped" in score_reward.run(ScoreRewardConfig(max_length=48), rd)
+
+
+def _encoder_cfg(**kw) -> TrainEncoderConfig:
+    base = dict(max_query_length=32, max_passage_length=48, queries_per_step=2, n_hard_negatives=3, lr=2e-4,
+                scaling=TWO)
+    return TrainEncoderConfig(**{**base, **kw})
+
+
+@pytest.mark.slow
+def test_train_encoder_two_workers_lowers_loss_and_saves_sentence_transformer(ray_session, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from uae_ray.stages import train_encoder
+
+    rd = build_tiny_run(str(tmp_path), n_docs=8)
+    summary = train_encoder.run(_encoder_cfg(epochs=3), rd)
+    train_log = json.loads((rd.local_path("encoder") / "training.json").read_text())["state"]
+    means = _epoch_means(train_log["history"])
+    assert means[-1] < means[0], means
+    assert summary["steps"] == 9 and rd.exists("encoder_train_loss.png")
+    model = SentenceTransformer(str(rd.local_path("encoder")), device="cpu")
+    emb = model.encode(["What color are the feathers of the Zorblat?", "blue feathers"], normalize_embeddings=False)
+    assert emb.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)  # Normalize module kept
+
+
+@pytest.mark.slow
+def test_kill_midway_then_rerun_resumes_from_checkpoint(ray_session, tmp_path):
+    import ray
+
+    from uae_ray.stages import train_encoder
+
+    rd = build_tiny_run(str(tmp_path / "run"), n_docs=8)
+    overrides = ["max_query_length=32", "max_passage_length=48", "queries_per_step=2", "n_hard_negatives=3",
+                 "lr=2e-4", "epochs=5", "checkpoint_every_steps=2", "scaling.num_workers=2", "loss=infonce",
+                 "output=encoder_infonce"]
+    cmd = [sys.executable, "-m", "uae_ray.cli", "train-encoder", "--run-dir", rd.uri,
+           "--address", ray.get_runtime_context().gcs_address]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log_path = tmp_path / "killed_run.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ckpt_root = rd.local_path(schema.CHECKPOINTS) / "train_encoder-encoder_infonce"
+    deadline = time.time() + 300
+    try:
+        # a checkpoint is resumable once Ray Train's controller has recorded it in its snapshot (written after the
+        # checkpoint directory is persisted): kill right after that
+        while time.time() < deadline and not (ckpt_root / "checkpoint_manager_snapshot.json").exists():
+            assert proc.poll() is None, f"trainer exited before its first checkpoint:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.3)
+        assert list(ckpt_root.glob("checkpoint_*")), f"no checkpoint in time:\n{log_path.read_text()[-3000:]}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # kill the driver mid-run (its Train workers die with its job)
+        proc.wait()
+    assert not rd.dir_complete("encoder_infonce"), "the run finished before it was killed"
+
+    cfg = _encoder_cfg(epochs=5, checkpoint_every_steps=2, loss="infonce", output="encoder_infonce")
+    summary = train_encoder.run(cfg, rd)
+    total = steps_per_epoch(14, 2, 2) * 5
+    assert summary["steps"] == total
+    assert summary["resumed_from_step"] and 2 <= summary["resumed_from_step"][0] < total
+    history = json.loads((rd.local_path("encoder_infonce") / "training.json").read_text())["state"]["history"]
+    assert [h["step"] for h in history] == list(range(1, total + 1))  # the step counter continued, no repeats
