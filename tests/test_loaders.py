@@ -241,11 +241,24 @@ def _hub_qasper_rows() -> list[dict]:
     return rows
 
 
+def _hub_qasper_features(datasets):
+    """The allenai/qasper hub features (its loading script), where Sequence of a dict is stored column-wise."""
+    v, seq = datasets.Value, datasets.Sequence
+    answer = {"unanswerable": v("bool"), "extractive_spans": seq(v("string")), "yes_no": v("bool"),
+              "free_form_answer": v("string"), "evidence": seq(v("string")), "highlighted_evidence": seq(v("string"))}
+    return datasets.Features({
+        "id": v("string"), "title": v("string"), "abstract": v("string"),
+        "full_text": seq({"section_name": v("string"), "paragraphs": [v("string")]}),
+        "qas": seq({"question": v("string"), "question_id": v("string"),
+                    "answers": seq({"answer": answer, "annotation_id": v("string"), "worker_id": v("string")})}),
+    })
+
+
 def test_hf_saved_dataset_qasper_layout(tmp_path):
     datasets = pytest.importorskip("datasets")
-    rows = _hub_qasper_rows()
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1]),
-                               "validation": datasets.Dataset.from_list(rows[1:])})
+    rows, features = _hub_qasper_rows(), _hub_qasper_features(datasets)
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1], features=features),
+                               "validation": datasets.Dataset.from_list(rows[1:], features=features)})
     dd.save_to_disk(str(tmp_path / "qasper_hf"))
     stats = LoadStats()
     chunks = list(load_hf(str(tmp_path / "qasper_hf"), None, "qasper", None, stats))
