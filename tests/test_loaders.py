@@ -322,3 +322,34 @@ def test_squad_more_bad_inputs(tmp_path, body, pattern):
     path.write_bytes(body)
     with pytest.raises(DataError, match=rf"bad.json: {pattern}"):
         list(load_squad(path, None, LoadStats()))
+
+
+def test_hf_saved_dataset_squad_layout(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    v = datasets.Value
+    features = datasets.Features({"id": v("string"), "title": v("string"), "context": v("string"),
+                                  "question": v("string"),
+                                  "answers": datasets.Sequence({"text": v("string"), "answer_start": v("int32")})})
+    ctx_a, ctx_b = "Rollo was the first ruler of Normandy.", "Normandy is a region in France."
+    rows = [
+        {"id": "r1", "title": "Normans", "context": ctx_a, "question": "Who ruled first?",
+         "answers": {"text": ["Rollo"], "answer_start": [0]}},
+        {"id": "r2", "title": "Normans", "context": ctx_a, "question": "Ruler of what?",
+         "answers": {"text": ["Normandy"], "answer_start": [29]}},
+        {"id": "r3", "title": "Normans", "context": ctx_b, "question": "In which country?",
+         "answers": {"text": ["France"], "answer_start": [0]}},  # wrong offset: counted, located by text
+        {"id": "r4", "title": "Normans", "context": ctx_b, "question": "Who painted it?",
+         "answers": {"text": [], "answer_start": []}},  # squad_v2 style impossible question
+    ]
+    other = {"id": "t1", "title": "Other", "context": "Oslo is in Norway.", "question": "Where is Oslo?",
+             "answers": {"text": ["Norway"], "answer_start": [11]}}
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows, features=features),
+                          "train": datasets.Dataset.from_list([other], features=features)}).save_to_disk(
+        str(tmp_path / "sq"))
+    stats = LoadStats()
+    chunks = list(load_hf(str(tmp_path / "sq"), None, "squad", None, stats))
+    passages, queries = _all(chunks)
+    assert sorted(passages) == ["Normans#0", "Normans#1", "Other#0"] and passages["Normans#1"].text == ctx_b
+    assert queries["r2"].gold_pids == ("Normans#0",) and queries["r3"].gold_pids == ("Normans#1",)
+    assert stats.skipped == {"no_answer": 1} and stats.notes["squad_answer_offset_wrong"] == 1
+    assert {c.passages[0].doc_id: c.split for c in chunks} == {"Normans": "dev", "Other": "train"}
