@@ -204,6 +204,15 @@ def test_prepare_real_qasper_dev_and_squad_mrqa(tmp_path, shared_data):
     assert set(corpus.column("doc_id").to_pylist()) == set(doc_split)
 
 
+def test_prepare_without_usable_questions_fails(tmp_path):
+    path = tmp_path / "none.jsonl"
+    path.write_text('{"pid": "p", "text": "A passage."}\n'
+                    '{"qid": "a", "question": "Q?", "answers": [], "gold_pids": ["p"]}\n')
+    with pytest.raises(DataError, match=r"none.jsonl: no usable questions: 1 read, skipped \{'no_answer': 1\}"):
+        prepare.run(PrepareConfig(format="jsonl", inputs=[{"path": str(path)}]), RunDir(tmp_path / "run"))
+    assert not (tmp_path / "run" / schema.CORPUS).exists()
+
+
 def test_prepare_duplicate_question_id_is_fatal(tmp_path):
     path = tmp_path / "dup.jsonl"
     line = '{"id": "", "context": "CONTEXT", "qas": [{"qid": "same", "question": "Q?", "answers": ["x"]}]}\n'

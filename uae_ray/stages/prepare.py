@@ -231,6 +231,10 @@ def run(cfg: PrepareConfig, run_dir: RunDir) -> dict[str, Any]:
     _process(cfg, windower, pending, st, stats)
     bar.close()
     corpus, queries = st.corpus.table(), st.queries.table()
+    if queries.num_rows == 0:  # every later stage needs questions: fail here, with the reasons, writing nothing
+        sources = ", ".join(s.path for s in cfg.inputs) or str(cfg.hf_dataset)
+        raise DataError(sources, None, None, f"no usable questions: {stats.queries_read} read, skipped "
+                        f"{dict(stats.skipped) or 'none'}")
     report = _report(cfg, fp, stats, st, corpus, queries, time.perf_counter() - t0)
     run_dir.write_table(schema.CORPUS, corpus)
     run_dir.write_table(schema.QUERIES, queries)
