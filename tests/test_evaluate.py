@@ -129,3 +129,34 @@ def test_evaluate_tiny_run_dir(tmp_path: Path):
     before = (rd.local_path(S.EVAL) / "rankings" / "pool__upr.parquet").stat().st_mtime_ns
     evaluate.run(cfg, rd)
     assert (rd.local_path(S.EVAL) / "rankings" / "pool__upr.parquet").stat().st_mtime_ns == before
+
+
+def test_evaluate_retrievers_only_report_and_skips(tmp_path: Path):
+    """BM25 + base + UAE (missing: skipped with the reason) in both settings; no generator needed."""
+    from uae_ray.stages import evaluate
+
+    rd, _, queries, utils = _tiny_run_dir(tmp_path / "run")
+    label = LabelConfig()
+    _write_utilities(rd, utils, label)
+    cfg = EvaluateConfig(split="dev", label=label, systems=["bm25", "base", "uae"], ks=[1, 2], exp_util_ks=[1],
+                         generate=False, open_scope="document")
+    evaluate.run(cfg, rd)
+    report = json.loads((rd.local_path(S.EVAL) / "report.json").read_text())
+    for setting in ("pool", "open"):
+        block = report["settings"][setting]
+        assert set(block["systems"]) == {"bm25", "base"}
+        assert "encoder" in block["skipped"]["uae"]
+        for m in block["systems"].values():
+            assert m["n_queries"] == len(queries)
+            assert 0.0 <= m["recall@1"] <= m["recall@2"] <= 1.0
+            assert m["latency"]["n"] == len(queries)
+    # document-scoped open retrieval ranks the same passages as the pool here: identical rankings
+    pool = rd.read_table(f"{S.EVAL}/rankings/pool__base.parquet").to_pylist()
+    open_ = rd.read_table(f"{S.EVAL}/rankings/open__base.parquet").to_pylist()
+    assert [r["pids"] for r in pool] == [r["pids"] for r in open_]
+    # every top-1 passage is labeled: ExpUtil@1 is the mean hand-made utility of the top-1 passages
+    expected = np.mean([utils[(r["qid"], r["pids"][0])] for r in pool])
+    assert report["settings"]["pool"]["systems"]["base"]["exputil@1"] == pytest.approx(expected, abs=1e-5)
+    md = (rd.local_path(S.EVAL) / "report.md").read_text()
+    assert "## pool setting" in md and "skipped `uae`" in md
+    assert all((rd.local_path(S.EVAL) / p).exists() for p in report["plots"])
