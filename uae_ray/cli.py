@@ -112,18 +112,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"uae-ray {args.stage}: config error: {e}", file=sys.stderr)
         return 2
 
+    from uae_ray.data.loaders import DataError
+    from uae_ray.models.registry import ModelNotFoundError
     from uae_ray.runtime import RunDir, init_ray
 
     rd = RunDir(run_dir)
-    if args.stage not in NO_RAY_STAGES:
-        init_ray(address, num_cpus=args.num_cpus)
-    if args.stage == "run":
-        from uae_ray.stages import pipeline
+    try:
+        if args.stage not in NO_RAY_STAGES:
+            init_ray(address, num_cpus=args.num_cpus)
+        if args.stage == "run":
+            from uae_ray.stages import pipeline
 
-        summary = pipeline.run(cfg, rd, until=args.until)
-    else:
-        module = importlib.import_module(f"uae_ray.stages.{STAGE_MODULES[args.stage]}")
-        summary = module.run(cfg, rd)
+            summary = pipeline.run(cfg, rd, until=args.until)
+        else:
+            module = importlib.import_module(f"uae_ray.stages.{STAGE_MODULES[args.stage]}")
+            summary = module.run(cfg, rd)
+    except DataError as e:  # bad input: the message names file, record and field
+        print(f"uae-ray {args.stage}: data error: {e}", file=sys.stderr)
+        return 2
+    except ModelNotFoundError as e:
+        print(f"uae-ray {args.stage}: model error: {e}", file=sys.stderr)
+        return 2
     if summary is not None:
         print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -6,15 +6,18 @@ Models only encode: losses live in :mod:`uae_ray.losses`, training in :mod:`uae_
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from uae_ray.models.registry import ModelNotFoundError, resolve
 
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
 
 @functools.lru_cache(maxsize=4)
-def load_encoder(name: str, device: str = "cpu"):  # noqa: ANN201 - SentenceTransformer
+def load_encoder(name: str, device: str = "cpu") -> SentenceTransformer:
     """A ``SentenceTransformer`` for ``name`` (registry name, local dir, or hub id), once per process.
 
     A plain transformers checkpoint without sentence-transformers modules gets mean pooling; the output is always
@@ -27,7 +30,7 @@ def load_encoder(name: str, device: str = "cpu"):  # noqa: ANN201 - SentenceTran
         raise ModelNotFoundError(f"{name}: a GGUF generator is not an encoder")
     try:
         model = SentenceTransformer(ref.path, device=device)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # transformers 5 raises ValueError for a folder without weights
         raise ModelNotFoundError(f"{name}: could not load encoder ({e})") from e
     model.eval()
     return model
