@@ -188,8 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoders", nargs="*", default=["base", "run:encoder_infonce", "run:encoder"])
     p.add_argument("--split", default="dev", choices=["train", "dev"])  # never test: defaults are picked on dev
     p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--synthetic-docs", type=int, default=0, help="first write the tests' fictional run into --run-dir")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
+    if args.synthetic_docs:  # the tests' fictional run (real text, made-up labels): for throughput only
+        sys.path.insert(0, str(ROOT / "tests"))
+        from _training_data import build_tiny_run
+
+        build_tiny_run(args.run_dir, n_docs=args.synthetic_docs)
     run_dir = RunDir(args.run_dir)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.mode == "pool-eval":
