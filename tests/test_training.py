@@ -233,3 +233,33 @@ def test_kill_midway_then_rerun_resumes_from_checkpoint(ray_session, tmp_path):
     assert summary["resumed_from_step"] and 2 <= summary["resumed_from_step"][0] < total
     history = json.loads((rd.local_path("encoder_infonce") / "training.json").read_text())["state"]["history"]
     assert [h["step"] for h in history] == list(range(1, total + 1))  # the step counter continued, no repeats
+
+
+def test_lora_student_trains_and_saves_merged(tmp_path):
+    """LoRA (peft) on the student: only adapters train; the saved merged model encodes like the adapted one."""
+    import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
+
+    from uae_ray.config import LoraConfig
+    from uae_ray.training.loop import build_student, save_student
+
+    cfg = TrainEncoderConfig(lora=LoraConfig(r=4, alpha=8, dropout=0.0))
+    model = build_student(cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    feats = model.tokenizer(["a question about feathers", "blue feathers all year"], padding=True,
+                            return_tensors="pt")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    emb = F.normalize(model(dict(feats))["sentence_embedding"], dim=-1)
+    (-(emb[0] @ emb[1])).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        adapted = F.normalize(model(dict(feats))["sentence_embedding"], dim=-1).numpy()
+    save_student(model, cfg, tmp_path / "student")
+    loaded = SentenceTransformer(str(tmp_path / "student"), device="cpu")
+    merged = loaded.encode(["a question about feathers", "blue feathers all year"], normalize_embeddings=True)
+    np.testing.assert_allclose(merged, adapted, atol=1e-4)
+    base = build_student(TrainEncoderConfig()).encode(["a question about feathers"], normalize_embeddings=True)
+    assert not np.allclose(base[0], merged[0], atol=1e-4)  # the adapter changed the weights that were saved
