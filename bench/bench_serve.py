@@ -55,23 +55,47 @@ def pct(lat_s: list[float]) -> dict[str, float]:
             "mean_ms": float(a.mean()), "n": len(a)}
 
 
-def build(run: RunDir, vectors: np.ndarray, factory: str, shards: int, params: dict[str, int]) -> dict[str, Any]:
+def build(run: RunDir, vectors: np.ndarray, factory: str, shards: int, params: dict[str, int],
+          train_sample: int = 100_000) -> dict[str, Any]:
     if run.dir_complete(INDEX):
         return run.read_json(f"{INDEX}/manifest.json")
     with run.staged_dir(INDEX) as out:
         return build_sharded_index(vectors, [f"p{i}" for i in range(len(vectors))], factory, shards, out,
-                                   encoder="all-minilm-l6-v2", search_params=params)
+                                   encoder="all-minilm-l6-v2", search_params=params, train_sample=train_sample)
+
+
+def _search_parallel(index: ShardedIndex, pool: Any, q: np.ndarray, k: int) -> None:
+    from uae_ray.index.search import merge_topk
+
+    parts = list(pool.map(lambda shard: shard.search(q, min(k, int(shard.ntotal))), index.shards))
+    merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
 
 
 def in_process(index: ShardedIndex, queries: np.ndarray, k: int) -> dict[str, Any]:
-    lat = []
-    t0 = time.perf_counter()
-    for q in queries:
-        t = time.perf_counter()
-        index.search_ids(q[None, :], k)
-        lat.append(time.perf_counter() - t)
-    wall = time.perf_counter() - t0
-    return {**pct(lat), "qps": len(queries) / wall}
+    """One query at a time with one FAISS thread per shard search (as in one shard replica), two ways: shards one
+    after the other (``serial``), and one Python thread per shard (``parallel``: FAISS releases the GIL), which is
+    what the service does with one replica per shard; ``parallel`` is the like-with-like baseline for HTTP."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    out: dict[str, Any] = {"faiss_threads": 1}
+    with ThreadPoolExecutor(len(index.shards)) as pool:
+        for mode in ("serial", "parallel"):
+            lat = []
+            t0 = time.perf_counter()
+            for q in queries:
+                t = time.perf_counter()
+                if mode == "serial":
+                    index.search_ids(q[None, :], k)
+                else:
+                    _search_parallel(index, pool, q[None, :], k)
+                lat.append(time.perf_counter() - t)
+            out[mode] = {**pct(lat), "qps": len(queries) / (time.perf_counter() - t0)}
+    faiss.omp_set_num_threads(threads)
+    return out
 
 
 def recall_at(index: ShardedIndex, queries: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -138,6 +162,26 @@ def serve_bench(run: RunDir, queries: np.ndarray, k: int, sweep: list[int], n_ht
     return out
 
 
+def summarize(res: dict[str, Any]) -> dict[str, Any]:
+    """Serve overhead at p50 (HTTP /search/vectors minus in-process search of the same shards) per factory."""
+    out: dict[str, Any] = {}
+    for name in ("flat", "hnsw"):
+        http, local = res.get(f"{name}_http"), res.get(f"{name}_in_process")
+        if not http or not local:
+            continue
+        h = http["vectors_single"]["p50_ms"]
+        out[name] = {
+            "http_vectors_p50_ms": h,
+            "in_process_parallel_p50_ms": local["parallel"]["p50_ms"],
+            "in_process_serial_p50_ms": local["serial"]["p50_ms"],
+            "overhead_p50_ms": h - local["parallel"]["p50_ms"],
+            "overhead_ratio": h / local["parallel"]["p50_ms"],
+            "http_text_p50_ms": http["text_single"]["p50_ms"],
+            "server_encode_p50_ms": http["text_single"]["server_encode_p50_ms"],
+        }
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
@@ -145,6 +189,8 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--hnsw", default="HNSW32")
+    p.add_argument("--hnsw-n", type=int, default=None, help="build HNSW over the first N vectors only (time)")
+    p.add_argument("--train-sample", type=int, default=100_000, help="IVF quantizer training rows")
     p.add_argument("--ivf", default="IVF1024,Flat")
     p.add_argument("--ef-search", default="32,64,128,256,512")
     p.add_argument("--nprobe", default="8,32,128")
@@ -192,7 +238,7 @@ def main() -> None:
     # ---- IVF: nprobe sweep (recall + latency in-process)
     if "ivf" not in skip:
         ivf_run = RunDir(work / a.ivf.replace(",", "_"))
-        manifest = build(ivf_run, vectors, a.ivf, a.shards, {"nprobe": 8})
+        manifest = build(ivf_run, vectors, a.ivf, a.shards, {"nprobe": 8}, a.train_sample)
         res["ivf_build"] = {k: v for k, v in manifest.items() if k.endswith("seconds") or k in ("vectors", "factory")}
         ivf = ShardedIndex.load(ivf_run.local_path(INDEX))
         rows = []
@@ -200,15 +246,25 @@ def main() -> None:
             for shard in ivf.shards:
                 apply_search_params(shard, {"nprobe": nprobe})
             rows.append({"nprobe": nprobe, "recall@k": recall_at(ivf, queries, truth, a.k),
-                         **in_process(ivf, queries, a.k)})
+                         **in_process(ivf, queries, a.k)["serial"]})
             print("ivf", rows[-1], flush=True)
         res["ivf_sweep"] = rows
         save()
     # ---- HNSW: efSearch sweep (recall + latency in-process), HTTP at the chosen efSearch
     if "hnsw" not in skip:
         efs = [int(x) for x in a.ef_search.split(",")]
-        hnsw_run = RunDir(work / a.hnsw.replace(",", "_"))
-        manifest = build(hnsw_run, vectors, a.hnsw, a.shards, {"efSearch": efs[0]})
+        hnsw_n = min(a.hnsw_n or a.n, a.n)
+        hnsw_truth = truth
+        if hnsw_n < a.n:  # exact top k over the same subset
+            import faiss
+
+            exact = faiss.IndexFlatIP(a.dim)
+            exact.add(vectors[:hnsw_n])
+            hnsw_truth = exact.search(queries, a.k)[1]
+            del exact
+        res["hnsw_vectors"] = hnsw_n
+        hnsw_run = RunDir(work / f"{a.hnsw.replace(',', '_')}_n{hnsw_n}")
+        manifest = build(hnsw_run, vectors[:hnsw_n], a.hnsw, a.shards, {"efSearch": efs[0]})
         res["hnsw_build"] = {k: v for k, v in manifest.items() if k.endswith("seconds") or k in ("vectors", "factory")}
         print("hnsw build", res["hnsw_build"], flush=True)
         hnsw = ShardedIndex.load(hnsw_run.local_path(INDEX))
@@ -216,13 +272,16 @@ def main() -> None:
         for ef in efs:
             for shard in hnsw.shards:
                 apply_search_params(shard, {"efSearch": ef})
-            rows.append({"efSearch": ef, "recall@k": recall_at(hnsw, queries, truth, a.k),
-                         **in_process(hnsw, queries, a.k)})
+            rows.append({"efSearch": ef, "recall@k": recall_at(hnsw, queries, hnsw_truth, a.k),
+                         **in_process(hnsw, queries, a.k)["serial"]})
             print("hnsw", rows[-1], flush=True)
         res["hnsw_sweep"] = rows
         good = [r for r in rows if r["recall@k"] >= 0.95]
         chosen = (good[0] if good else rows[-1])["efSearch"]
         res["hnsw_chosen_efSearch"] = chosen
+        for shard in hnsw.shards:
+            apply_search_params(shard, {"efSearch": chosen})
+        res["hnsw_in_process"] = in_process(hnsw, queries, a.k)
         save()
         if "http" not in skip:
             manifest_path = hnsw_run.local_path(INDEX) / "manifest.json"
@@ -234,6 +293,7 @@ def main() -> None:
             print("hnsw http", json.dumps(res["hnsw_http"], indent=1), flush=True)
             save()
         del hnsw
+    res["summary"] = summarize(res)
     res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ")
     save()
     print(f"wrote {a.out}")

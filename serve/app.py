@@ -56,6 +56,8 @@ class QueryEncoder:
         self.model = load_encoder(resolve_encoder(encoder, rd))
         self.max_query_tokens = max_query_tokens
         self.dim = int(self.model.get_embedding_dimension())
+        self.batches = 0
+        self.queries = 0
         manifest = read_manifest(rd.fetch_dir(index))
         if manifest["dim"] != self.dim:
             raise ValueError(f"encoder {encoder!r} gives {self.dim}-d vectors, the index holds {manifest['dim']}-d")
@@ -70,7 +72,15 @@ class QueryEncoder:
         from uae_ray.models.encoder import encode
 
         vectors = encode(self.model, texts, batch_size=len(texts), max_length=self.max_query_tokens)
+        self.batches += 1
+        self.queries += len(texts)
         return list(vectors)
+
+    def stats(self) -> dict[str, Any]:
+        """Live batching settings and the batches formed so far."""
+        return {"max_batch_size": self.encode_batch._get_max_batch_size(),
+                "batch_wait_timeout_s": self.encode_batch._get_batch_wait_timeout_s(),
+                "batches": self.batches, "queries": self.queries, "dim": self.dim}
 
     async def __call__(self, text: str) -> np.ndarray:
         return await self.encode_batch(text)

@@ -60,7 +60,7 @@ def _make_run(path: Path, tag: str) -> RunDir:
 
 
 def _args(rd: RunDir) -> dict:
-    return {"run_dir": rd.uri, "shard_replicas": 2, "encoder_num_cpus": 0.5, "shard_num_cpus": 0.1,
+    return {"run_dir": rd.uri, "shard_replicas": 2, "encoder_num_cpus": 0.5, "shard_num_cpus": 0.1, "max_batch_size": 8,
             "ingress_num_cpus": 0.1, "token_env": TOKEN_ENV, "max_k": 50, "max_body_bytes": 65536}
 
 
@@ -123,6 +123,26 @@ def test_search_matches_in_process_index(client, runs):
     two = client.post("/search", json={"queries": ["powerhouse of the cell", "bees dance"], "k": 2}).json()
     assert [len(q["hits"]) for q in two["results"]] == [2, 2]
     assert "mitochondrion" in two["results"][0]["hits"][0]["text"] and "bees" in two["results"][1]["hits"][0]["text"]
+
+
+def test_encoder_batches_concurrent_queries_with_the_configured_size(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    encoder = serve.get_deployment_handle("QueryEncoder", app_name="default")
+    before = encoder.stats.remote().result()
+    assert before["max_batch_size"] == 8 and before["batch_wait_timeout_s"] == pytest.approx(0.005)  # user_config
+
+    def one(i: int) -> int:
+        return client.post("/search", json={"query": f"question {i} about oceans", "k": 1}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(one, range(32))) == [200] * 32
+    after = encoder.stats.remote().result()
+    queries, batches = after["queries"] - before["queries"], after["batches"] - before["batches"]
+    print(f"encoder: {queries} queries in {batches} batches")
+    assert queries == 32 and batches < 32  # concurrent requests were encoded together
 
 
 def test_bad_requests_get_4xx_with_a_message_and_the_service_survives(client):
