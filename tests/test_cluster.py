@@ -112,7 +112,7 @@ def test_every_named_entry_point_exists_and_its_arguments_parse():
     entries = _entrypoints()
     assert any(src == "rayjob.yaml" for src, _ in entries)
     for src, cmd in entries:
-        argv = shlex.split(cmd.replace("\\", " "))
+        argv = shlex.split(cmd.replace("\\", " "), comments=True)
         script = ROOT / argv[0]
         assert script.exists(), f"{src}: {argv[0]} does not exist"
         stage = {"pipeline": "run"}.get(script.stem, script.stem.replace("_", "-"))
