@@ -103,7 +103,7 @@ def test_ivf_quantizer_trained_once_and_full_probe_is_exact(tmp_path, data):
     np.testing.assert_array_equal(i, ref_i)  # nprobe = nlist visits every list: exhaustive
 
 
-@pytest.mark.parametrize("factory", ["HNSW16", "IVF16,PQ8"])
+@pytest.mark.parametrize("factory", ["HNSW16", "IVF16,PQ8x4"])
 def test_approximate_factories_build_and_recall(tmp_path, data, factory):
     x, pids, queries = data
     build_sharded_index(x, pids, factory, 2, tmp_path)
@@ -113,7 +113,7 @@ def test_approximate_factories_build_and_recall(tmp_path, data, factory):
     _, ref_i = ref.search(queries, 10)
     _, i = index.search_ids(queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i.tolist(), ref_i.tolist(), strict=True)])
-    assert recall >= (0.9 if factory.startswith("HNSW") else 0.3), recall
+    assert recall >= (0.9 if factory.startswith("HNSW") else 0.2), recall  # chance: 10 / 3001
 
 
 def test_bad_inputs_name_the_problem(tmp_path, data):
