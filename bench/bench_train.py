@@ -93,12 +93,13 @@ def _scratch_copy(run_dir: RunDir) -> RunDir:
     return scratch
 
 
-def throughput(run_dir: RunDir, steps: int, queries_per_step: int) -> list[dict]:
+def throughput(run_dir: RunDir, steps: int, queries_per_step: int, scalings: list[str]) -> list[dict]:
     from uae_ray.stages import train_encoder, train_reward
 
     rows = []
     n_train = run_dir.read_table(schema.QUERIES, columns=["split"])["split"].to_pylist().count("train")
-    for label, scaling in SCALINGS.items():
+    for label in scalings:
+        scaling = SCALINGS[label]
         epochs = max(1, -(-steps * scaling.num_workers * queries_per_step // max(1, n_train)))
         for model in ("encoder", "reward"):
             scratch = _scratch_copy(run_dir)
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoders", nargs="*", default=["base", "run:encoder_infonce", "run:encoder"])
     p.add_argument("--split", default="dev", choices=["train", "dev"])  # never test: defaults are picked on dev
     p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--scalings", nargs="*", default=list(SCALINGS), choices=list(SCALINGS), help="throughput order")
     p.add_argument("--synthetic-docs", type=int, default=0, help="first write the tests' fictional run into --run-dir")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         init_ray(None, num_cpus=args.num_cpus)
         if args.mode == "throughput":
-            rows = throughput(run_dir, args.steps, args.queries_per_step)
+            rows = throughput(run_dir, args.steps, args.queries_per_step, args.scalings)
         else:
             base = {"epochs": args.epochs, "max_passage_length": args.max_passage_length,
                     "queries_per_step": args.sweep_queries_per_step}
