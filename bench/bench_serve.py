@@ -67,7 +67,13 @@ def build(run: RunDir, vectors: np.ndarray, factory: str, shards: int, params: d
 def _search_parallel(index: ShardedIndex, pool: Any, q: np.ndarray, k: int) -> None:
     from uae_ray.index.search import merge_topk
 
-    parts = list(pool.map(lambda shard: shard.search(q, min(k, int(shard.ntotal))), index.shards))
+    def one(shard: Any) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # per thread: OpenMP settings do not carry over from the main thread
+        return shard.search(q, min(k, int(shard.ntotal)))
+
+    parts = list(pool.map(one, index.shards))
     merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
 
 
