@@ -115,9 +115,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         if sub:
             out += ["", f"Same {sub['n_queries']} queries for every system (the LLM re-rankers' subset):", "",
                     markdown_table(sub, ks, eks, []), ""]
-        sp = block.get("speedup_vs_llm", {})
-        if sp:
-            out.append("Speed-up of UAE per query: " + ", ".join(f"{v:.0f}x over {k}" for k, v in sp.items()))
+        for key, who in (("speedup_vs_llm", "UAE"), ("speedup_base_vs_llm", "the base encoder")):
+            sp = block.get(key, {})
+            if sp:
+                out.append(f"Speed-up of {who} per query (mean latency ratio, same run): "
+                           + ", ".join(f"{v:.0f}x over {k}" for k, v in sp.items()) + "  ")
         if block.get("rankgpt_parse"):
             out.append(f"RankGPT permutation parsing (windows): {block['rankgpt_parse']}")
         out.append("")

@@ -223,6 +223,8 @@ def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str]
                 n: _system_block([r for q, r in per_q[n].items() if q in shared], names, gen_cols,
                                  [lat[n][q] for q in shared]) for n in per_q}}
         block["speedup_vs_llm"] = speedups(block.get("llm_subset", block))
+        # the base encoder has the student's architecture and cost: its ratio stands in when no student exists
+        block["speedup_base_vs_llm"] = speedups(block.get("llm_subset", block), student="base")
         rg = built.systems.get("rankgpt")
         if rg is not None:
             block["rankgpt_parse"] = dict(rg.reranker.parse_counts)
