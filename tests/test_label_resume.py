@@ -97,11 +97,15 @@ def test_label_stage_report_skips_rerun_and_mismatch(ray_session, tmp_path) -> N
 
 @pytest.mark.slow
 def test_label_killed_midway_resumes_exactly_once(tmp_path) -> None:
-    """Start `uae-ray label` in a subprocess, SIGKILL its process group after the first part, rerun, count rows."""
+    """Start `uae-ray label` in a subprocess, SIGKILL its process group after the first part, rerun, count rows.
+
+    The actor takes every CPU of the 2-CPU cluster: Ray Data must not need a CPU for anything else (it deadlocked
+    with a repartition before the blocks were cut on the driver).
+    """
     rd, n_pairs = write_label_run(tmp_path / "run", n_queries=8, filler=20)
     args = [sys.executable, "-m", "uae_ray.cli", "label", "--run-dir", rd.uri, "--num-cpus", "2",
             "--set", "rows_per_part=2", "--set", "rows_per_batch=2", "--set", "pool.max_size=1",
-            "--set", "pool.batch_size=2", "--set", "dtype=float32"]
+            "--set", "pool.num_cpus=2", "--set", "pool.batch_size=2", "--set", "dtype=float32"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     parts_dir = Path(rd.path(UTILITIES))

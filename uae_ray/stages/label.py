@@ -36,7 +36,7 @@ from uae_ray.data.schema import (
     UTILITIES,
     UTILITIES_SCHEMA,
 )
-from uae_ray.labeling.pipeline import BaselineBatch, LabelPairsBatch, join_pair_inputs
+from uae_ray.labeling.pipeline import BaselineBatch, LabelPairsBatch, join_pair_inputs, split_blocks
 from uae_ray.labeling.prompts import prompt_version_for
 from uae_ray.runtime import RunDir
 
@@ -106,9 +106,8 @@ def _ensure_baseline(run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, gener
     tokens = 0
     if todo.num_rows:
         log.info("label: no-passage terms for %d queries", todo.num_rows)
-        ds = ray.data.from_arrow(todo.select(["qid", "question", "answers"])).repartition(
-            max(1, min(cfg.pool.max_size * 4, todo.num_rows // max(1, cfg.rows_per_batch) + 1))
-        )
+        n_blocks = max(1, min(cfg.pool.max_size * 4, todo.num_rows // cfg.rows_per_batch + 1))
+        ds = ray.data.from_arrow(split_blocks(todo.select(["qid", "question", "answers"]), n_blocks))
         out = ds.map_batches(
             BaselineBatch,
             fn_constructor_kwargs={"cfg": cfg, "generator": generator, "prompt_version": version},
@@ -152,7 +151,7 @@ def run(cfg: LabelConfig, run_dir: RunDir) -> dict[str, Any]:
         est = pc.add(pc.utf8_length(rows["text"]), pc.utf8_length(rows["question"]))
         rows = rows.take(pc.sort_indices(est))  # length-sorted: neighbouring pairs share a batch, little padding
         n_blocks = max(1, min(rows.num_rows // cfg.rows_per_batch + 1, cfg.pool.max_size * 8))
-        ds = ray.data.from_arrow(rows).repartition(n_blocks).map_batches(
+        ds = ray.data.from_arrow(split_blocks(rows, n_blocks)).map_batches(
             LabelPairsBatch,
             fn_constructor_kwargs={"cfg": cfg, "generator": generator, "prompt_version": version},
             compute=ray.data.ActorPoolStrategy(min_size=cfg.pool.min_size, max_size=cfg.pool.max_size),

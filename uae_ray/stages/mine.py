@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from uae_ray.config import MineConfig
 from uae_ray.data.schema import CANDIDATES, CORPUS, MINE_REPORT, QUERIES, TEACHER_SCORES
+from uae_ray.labeling.pipeline import split_blocks
 from uae_ray.mining import Pool, decide_scope, ensure_gold, mix_reward, pools_to_table, search_ip
 from uae_ray.runtime import RunDir
 
@@ -36,7 +37,7 @@ def encode_texts(ids: list[str], texts: list[str], cfg: MineConfig, what: str) -
     if not ids:
         raise ValueError(f"no {what} to encode")
     n_blocks = max(1, min(len(ids) // cfg.pool.batch_size + 1, cfg.pool.max_size * 8))
-    ds = ray.data.from_arrow(pa.table({"id": ids, "text": texts})).repartition(n_blocks)
+    ds = ray.data.from_arrow(split_blocks(pa.table({"id": ids, "text": texts}), n_blocks))
     out = ds.map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"encoder": cfg.encoder},
