@@ -80,3 +80,15 @@ def test_gguf_folder_matches_the_gguf_model():
         rounded = gguf(**ids).logits
     torch.testing.assert_close(rounded, converted, rtol=0, atol=1e-4)
     assert tok.decode(converted[0, -1].argmax()).strip() == "Rome"
+
+
+def test_auto_dtype_picks_bf16_only_where_the_hardware_has_it():
+    from uae_ray.models.registry import cpu_has_bf16, resolve_dtype
+
+    assert resolve_dtype("float32", "cuda") == "float32"  # explicit choices are kept
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert resolve_dtype("auto", "cuda:0") == "bfloat16"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert cpu_has_bf16() is native
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")

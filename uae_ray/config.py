@@ -129,7 +129,7 @@ class LabelConfig(StageConfig):
 
     generator: str = "smollm2-135m-instruct"
     backend: Literal["hf", "vllm"] = "hf"
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 only on hardware that has it
     prompt: Literal["extractive", "qasper", "custom"] = "extractive"
     system_prompt: str | None = None  # required with prompt=custom
     prompt_version: str = "v1"
@@ -269,7 +269,7 @@ class EvaluateConfig(StageConfig):
     rankgpt_step: int = Field(3, ge=1)
     rankgpt_passage_tokens: int = Field(64, ge=8)
     reward_max_length: int = Field(256, ge=16)
-    llm_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # LLM re-rankers + answers; None: label.dtype
+    llm_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None  # LLM re-rankers + answers; None: label.dtype
     seed: int = 13  # which queries form the LLM / generation subsets (deterministic)
 
     @model_validator(mode="after")

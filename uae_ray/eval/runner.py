@@ -38,13 +38,14 @@ def encode_rows(model: Any, corpus: Corpus, rows: np.ndarray, *, batch_size: int
     from tqdm.auto import tqdm
 
     from uae_ray.models.encoder import encode
+    from uae_ray.models.registry import cpu_has_bf16
 
     dim = model.get_embedding_dimension()
     out = np.zeros((len(corpus.pids), dim), dtype=np.float32)
     rows = np.unique(rows)
     for start in tqdm(range(0, len(rows), 1024), desc="encode passages", leave=False):
         part = rows[start : start + 1024]
-        out[part] = encode(model, [corpus.texts[r] for r in part], batch_size=batch_size, bf16=True)
+        out[part] = encode(model, [corpus.texts[r] for r in part], batch_size=batch_size, bf16=cpu_has_bf16())
     return out
 
 

@@ -143,7 +143,8 @@ class HFScorer:
     Args:
         generator: registry name, local path or hub id of the causal LM.
         system_prompt: the system turn of every prompt.
-        dtype: ``bfloat16`` (default; uses the CPU's bf16 units), ``float32`` or ``float16`` (GPU).
+        dtype: ``auto`` (default: bf16 on GPU or a CPU with bf16 units, else fp32), ``bfloat16``, ``float32`` or
+            ``float16`` (GPU).
         max_passage_tokens: passages are cut to this many generator tokens.
         batch_size: sequences per forward pass.
         max_model_len: prompt + answer longer than this is a bad item.
@@ -154,7 +155,7 @@ class HFScorer:
         self,
         generator: str,
         system_prompt: str,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         max_passage_tokens: int = 256,
         batch_size: int = 16,
         max_model_len: int = 1024,

@@ -53,7 +53,7 @@ class VLLMScorer:
         self,
         generator: str,
         system_prompt: str,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         max_passage_tokens: int = 256,
         max_model_len: int = 1024,
         enable_prefix_caching: bool = True,
@@ -71,7 +71,7 @@ class VLLMScorer:
         kwargs: dict[str, Any] = {"gpu_memory_utilization": gpu_memory_utilization} if on_gpu else {}
         self.llm = LLM(
             model=path,
-            dtype=dtype,
+            dtype=_resolve_dtype(dtype, on_gpu),
             max_model_len=max_model_len,
             enforce_eager=not on_gpu,
             enable_prefix_caching=enable_prefix_caching,
@@ -111,6 +111,12 @@ def _answer_mean(e: EncodedItem, prompt_logprobs: list[dict[int, Any] | None] | 
             raise RuntimeError(f"vLLM prompt logprobs lack token {ids[t]} at position {t}")
         vals.append(float(entry[ids[t]].logprob))
     return sum(vals) / len(vals), len(vals)
+
+
+def _resolve_dtype(dtype: str, on_gpu: bool) -> str:
+    from uae_ray.models.registry import resolve_dtype
+
+    return resolve_dtype(dtype, "cuda" if on_gpu else "cpu")
 
 
 def _hf_folder(name: str) -> str:

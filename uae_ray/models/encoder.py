@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from uae_ray.models.registry import ModelNotFoundError, resolve
+from uae_ray.models.registry import ModelNotFoundError, cpu_has_bf16, resolve
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -69,14 +69,17 @@ class EncodeBatch:
     {...}, compute=ray.data.ActorPoolStrategy(...))``.
     """
 
-    def __init__(self, encoder: str, text_column: str = "text", max_length: int | None = None, bf16: bool = True):
+    def __init__(
+        self, encoder: str, text_column: str = "text", max_length: int | None = None, bf16: bool | None = None
+    ):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_encoder(encoder, device)
         self.text_column = text_column
         self.max_length = max_length
-        self.bf16 = bf16 and device == "cpu"
+        # None: bf16 autocast only on a CPU with native bf16 units (emulated bf16 is far slower than fp32)
+        self.bf16 = device == "cpu" and (cpu_has_bf16() if bf16 is None else bf16)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch[self.text_column]]

@@ -131,18 +131,46 @@ def _convert_gguf(ref: ModelRef, target: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when this CPU has native bf16 matmul units (AVX512-BF16 or AMX); read from /proc/cpuinfo (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """``auto`` -> ``bfloat16`` on CUDA or on a CPU with native bf16 units, else ``float32``; others unchanged.
+
+    Without AVX512-BF16/AMX, torch emulates bf16 matmuls and a 135M model runs many times slower than in fp32
+    (measured in this project: 36 tokens/s labeling in bf16 on an AVX2-only EPYC), so ``auto`` is the safe default.
+    """
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
 def _torch_dtype(dtype: str):
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-@functools.lru_cache(maxsize=4)
-def load_causal_lm(name: str, dtype: str = "bfloat16", device: str = "cpu"):
+def load_causal_lm(name: str, dtype: str = "auto", device: str = "cpu"):
     """(model, tokenizer) for a causal LM, loaded once per process; eval mode, left padding.
 
-    Errors name the model; a hub id on an offline machine says so.
+    ``dtype`` ``auto`` picks bf16 only where the hardware has it (see :func:`resolve_dtype`). Errors name the
+    model; a hub id on an offline machine says so.
     """
+    return _load_causal_lm(name, resolve_dtype(dtype, device), device)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_causal_lm(name: str, dtype: str, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = hf_folder(name)

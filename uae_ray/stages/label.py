@@ -38,6 +38,7 @@ from uae_ray.data.schema import (
 )
 from uae_ray.labeling.pipeline import BaselineBatch, LabelPairsBatch, join_pair_inputs, split_blocks
 from uae_ray.labeling.prompts import prompt_version_for
+from uae_ray.models.registry import resolve_dtype
 from uae_ray.runtime import RunDir
 
 log = logging.getLogger("uae_ray")
@@ -207,7 +208,7 @@ def _report(
         "generator": cfg.generator,
         "prompt_version": version,
         "backend": cfg.backend,
-        "dtype": cfg.dtype,
+        "dtype": resolve_dtype(cfg.dtype, "cuda" if cfg.pool.num_gpus > 0 else "cpu"),
         "answer_aggregate": cfg.answer_aggregate,
         "splits": list(cfg.splits),
         "pairs": n_pairs,
