@@ -74,6 +74,9 @@ def test_demo_pipeline_end_to_end_shrunk(tmp_path: Path, ray_session, capsys):
     cfg = _cfg(
         "prepare.max_docs_per_split=3",
         "train-reward.epochs=1", "train-encoder.epochs=1", "train-encoder-ablation.epochs=1",
+        # 3 train documents x 3 questions: steps of 2 workers x 2 queries fit the shrunk data
+        "train-reward.queries_per_step=2", "train-encoder.queries_per_step=2",
+        "train-encoder-ablation.queries_per_step=2",
         "evaluate.llm_rerank_max_queries=2", "evaluate.generate_max_queries=2", "evaluate.max_new_tokens=8",
         "evaluate.rerank_top_k=4", "evaluate.rankgpt_window=3", "evaluate.rankgpt_step=2",
     )
