@@ -269,7 +269,8 @@ class EvaluateConfig(StageConfig):
     rankgpt_step: int = Field(3, ge=1)
     rankgpt_passage_tokens: int = Field(64, ge=8)
     reward_max_length: int = Field(256, ge=16)
-    llm_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None  # LLM re-rankers + answers; None: label.dtype
+    # LLM re-rankers + answers; None: label.dtype
+    llm_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     seed: int = 13  # which queries form the LLM / generation subsets (deterministic)
 
     @model_validator(mode="after")
