@@ -83,6 +83,15 @@ class Chunk:
     queries: list[Query] = field(default_factory=list)
     split: str | None = None
 
+    def add_passage(self, passage: Passage, stats: LoadStats) -> bool:
+        """Count the passage as read and keep it, or count it skipped as ``empty_text``; True when kept."""
+        stats.passages_read += 1
+        if not passage.text.strip():
+            stats.passages_skipped["empty_text"] += 1
+            return False
+        self.passages.append(passage)
+        return True
+
 
 @dataclass
 class LoadStats:

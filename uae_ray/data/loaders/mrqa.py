@@ -53,11 +53,7 @@ def load_mrqa(path: Path, split: str | None, stats: LoadStats) -> Iterator[Chunk
             doc_id = f"{doc_id}-dup{n}"
         pid = f"{doc_id}#0"
         chunk = Chunk(split=split)
-        stats.passages_read += 1
-        if context.strip():
-            chunk.passages.append(Passage(pid=pid, doc_id=doc_id, title=None, text=context))
-        else:
-            stats.passages_skipped["empty_text"] += 1
+        chunk.add_passage(Passage(pid=pid, doc_id=doc_id, title=None, text=context), stats)
         for qi, qa in enumerate(get_field(obj, "qas", list, source=path, where=where)):
             qwhere = f"{where} / qas[{qi}]"
             stats.queries_read += 1

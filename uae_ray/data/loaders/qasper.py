@@ -115,12 +115,9 @@ def paper_to_chunk(
     exact: dict[str, list[str]] = {}
     normalized: dict[str, list[str]] = {}
     for k, text in enumerate(_paragraphs(paper, source, where)):
-        stats.passages_read += 1
-        if not text.strip():
-            stats.passages_skipped["empty_text"] += 1
-            continue
         pid = f"{paper_id}#{k}"
-        chunk.passages.append(Passage(pid=pid, doc_id=paper_id, title=title or None, text=text))
+        if not chunk.add_passage(Passage(pid=pid, doc_id=paper_id, title=title or None, text=text), stats):
+            continue
         exact.setdefault(text, []).append(pid)
         normalized.setdefault(normalize_ws(text), []).append(pid)
     for qi, qa in enumerate(get_field(paper, "qas", list, source=source, where=where)):

@@ -63,11 +63,7 @@ def paragraph_to_chunk(
     context = get_field(para, "context", str, source=source, where=where)
     pid = f"{doc_id}#{index}"
     chunk = Chunk(split=split)
-    stats.passages_read += 1
-    if context.strip():
-        chunk.passages.append(Passage(pid=pid, doc_id=doc_id, title=title, text=context))
-    else:
-        stats.passages_skipped["empty_text"] += 1
+    chunk.add_passage(Passage(pid=pid, doc_id=doc_id, title=title, text=context), stats)
     for qi, qa in enumerate(get_field(para, "qas", list, source=source, where=where)):
         qwhere = f"{where}.qas[{qi}]"
         stats.queries_read += 1
