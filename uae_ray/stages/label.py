@@ -99,7 +99,6 @@ def _ensure_baseline(run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, gener
     pa.Table, int
 ]:
     """The baseline table covering ``queries`` (computing only what ``label_baseline.parquet`` lacks), tokens used."""
-    import ray
 
     have = run_dir.read_table(LABEL_BASELINE) if run_dir.exists(LABEL_BASELINE) else LABEL_BASELINE_SCHEMA.empty_table()
     _check_same_labels(have, run_dir.path(LABEL_BASELINE), generator, version)
@@ -108,16 +107,7 @@ def _ensure_baseline(run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, gener
     if todo.num_rows:
         log.info("label: no-passage terms for %d queries", todo.num_rows)
         n_blocks = max(1, min(cfg.pool.max_size * 4, todo.num_rows // cfg.rows_per_batch + 1))
-        ds = ray.data.from_arrow(split_blocks(todo.select(["qid", "question", "answers"]), n_blocks))
-        out = ds.map_batches(
-            BaselineBatch,
-            fn_constructor_kwargs={"cfg": cfg, "generator": generator, "prompt_version": version},
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.pool.min_size, max_size=cfg.pool.max_size),
-            num_cpus=cfg.pool.num_cpus,
-            num_gpus=cfg.pool.num_gpus,
-            batch_size=cfg.rows_per_batch,
-            batch_format="pyarrow",
-        )
+        out = _map_on_actor_pool(todo.select(["qid", "question", "answers"]), BaselineBatch, cfg, n_blocks, version)
         new = pa.concat_tables(list(out.iter_batches(batch_size=None, batch_format="pyarrow")))
         tokens = int(pc.sum(new["tokens"]).as_py() or 0)
         have = pa.concat_tables([have, new.drop_columns(["tokens"]).cast(LABEL_BASELINE_SCHEMA)])
@@ -125,9 +115,23 @@ def _ensure_baseline(run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, gener
     return have.filter(pc.is_in(have["qid"], queries["qid"])), tokens
 
 
+def _map_on_actor_pool(table: pa.Table, udf: type, cfg: LabelConfig, n_blocks: int, version: str) -> Any:
+    """``table`` cut into ``n_blocks`` on the driver, mapped by scorer class ``udf`` on the autoscaling actor pool."""
+    import ray
+
+    return ray.data.from_arrow(split_blocks(table, n_blocks)).map_batches(
+        udf,
+        fn_constructor_kwargs={"cfg": cfg, "generator": cfg.generator, "prompt_version": version},
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.pool.min_size, max_size=cfg.pool.max_size),
+        num_cpus=cfg.pool.num_cpus,
+        num_gpus=cfg.pool.num_gpus,
+        batch_size=cfg.rows_per_batch,
+        batch_format="pyarrow",
+    )
+
+
 def run(cfg: LabelConfig, run_dir: RunDir) -> dict[str, Any]:
     """Label every pending candidate pair; see the module docstring. Returns the report."""
-    import ray
 
     from uae_ray.runtime import ensure_ray
 
@@ -152,15 +156,7 @@ def run(cfg: LabelConfig, run_dir: RunDir) -> dict[str, Any]:
         est = pc.add(pc.utf8_length(rows["text"]), pc.utf8_length(rows["question"]))
         rows = rows.take(pc.sort_indices(est))  # length-sorted: neighbouring pairs share a batch, little padding
         n_blocks = max(1, min(rows.num_rows // cfg.rows_per_batch + 1, cfg.pool.max_size * 8))
-        ds = ray.data.from_arrow(split_blocks(rows, n_blocks)).map_batches(
-            LabelPairsBatch,
-            fn_constructor_kwargs={"cfg": cfg, "generator": generator, "prompt_version": version},
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.pool.min_size, max_size=cfg.pool.max_size),
-            num_cpus=cfg.pool.num_cpus,
-            num_gpus=cfg.pool.num_gpus,
-            batch_size=cfg.rows_per_batch,
-            batch_format="pyarrow",
-        )
+        ds = _map_on_actor_pool(rows, LabelPairsBatch, cfg, n_blocks, version)
         part = _next_part(run_dir)
         written: set[tuple[str, str]] = set()
         for chunk in ds.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow"):
