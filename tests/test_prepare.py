@@ -116,6 +116,16 @@ def test_prepare_without_required_gold_and_max_docs(tmp_path):
     assert report["splits"]["dev"]["documents"] == 1
     assert report["questions"]["skipped"]["max_docs_per_split"] == 2 and report["questions"]["kept"] == 2
     assert set(rd2.read_table(schema.CORPUS).column("doc_id").to_pylist()) == {"2001.00001"}
+    # a cap per split: dev capped at 1 document, train (not named) uncapped
+    rd3 = RunDir(tmp_path / "run3")
+    prepare.run(_cfg(max_docs_per_split={"dev": 1}, inputs=[{"path": str(DATA / "qasper_mini.json"), "split": "dev"}]),
+                rd3)
+    assert rd3.read_json(schema.PREPARE_REPORT)["splits"]["dev"]["documents"] == 1
+    rd4 = RunDir(tmp_path / "run4")
+    dev_only = [{"path": str(DATA / "qasper_mini.json"), "split": "dev"}]
+    prepare.run(_cfg(max_docs_per_split={"train": 1}, inputs=dev_only), rd4)
+    assert "max_docs_per_split" not in rd4.read_json(schema.PREPARE_REPORT)["questions"]["skipped"]
+    assert rd4.read_json(schema.PREPARE_REPORT)["splits"]["dev"]["documents"] == 2
 
 
 def test_prepare_errors_across_inputs_write_nothing(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -77,7 +77,8 @@ class PrepareConfig(StageConfig):
     window_overlap: int = Field(32, ge=0)
     split_ratios: SplitRatios = SplitRatios()
     seed: int = 13
-    max_docs_per_split: int | None = Field(None, ge=1)  # first N documents of each split, for small runs
+    # first N documents of each split, for small runs: one N for every split, or {train: 100, dev: 35}
+    max_docs_per_split: PositiveInt | dict[Literal["train", "dev", "test"], PositiveInt] | None = None
     require_gold: bool = True  # questions whose gold passage cannot be resolved are skipped (counted by reason)
 
     @model_validator(mode="after")
@@ -93,6 +94,12 @@ class PrepareConfig(StageConfig):
         if self.format != "hf" and not self.inputs:
             raise ValueError(f"format={self.format} needs at least one input (--input [SPLIT=]PATH)")
         return self
+
+    def doc_cap(self, split: str) -> int | None:
+        """The most documents ``split`` may hold (``max_docs_per_split``), or None for no cap."""
+        if isinstance(self.max_docs_per_split, dict):
+            return self.max_docs_per_split.get(split)  # type: ignore[call-overload]
+        return self.max_docs_per_split
 
 
 # ------------------------------------------------------------------------------------------------------------ mine

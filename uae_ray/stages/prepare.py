@@ -119,7 +119,8 @@ def _admit_docs(cfg: PrepareConfig, source: str, chunk: Chunk, st: _State) -> No
             continue
         split = want or split_for_document(doc, cfg.split_ratios, cfg.seed)
         st.doc_split[doc] = split
-        if cfg.max_docs_per_split is not None and st.docs_per_split[split] >= cfg.max_docs_per_split:
+        cap = cfg.doc_cap(split)
+        if cap is not None and st.docs_per_split[split] >= cap:
             st.dropped_docs.add(doc)
         else:
             st.docs_per_split[split] += 1
