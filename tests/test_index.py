@@ -202,3 +202,14 @@ def test_index_stage_encodes_builds_and_skips_when_current(tmp_path, ray_session
     assert not index_stage._is_current(rd, cfg.model_copy(update={"num_shards": 3}), source)
     assert not index_stage._is_current(rd, cfg.model_copy(update={"factory": "HNSW8"}), source)
     assert not index_stage._is_current(rd, cfg, {**source, "corpus_sha1": "changed"})
+    # a run-dir encoder ("run:encoder", what train-encoder writes): the actors resolve it on their own node
+    import shutil
+
+    from uae_ray.models.registry import resolve
+
+    with rd.staged_dir("encoder") as d:
+        shutil.copytree(resolve("all-minilm-l6-v2").path, d, dirs_exist_ok=True)
+    own = index_stage.run(cfg.model_copy(update={"encoder": "run:encoder"}), rd)
+    assert own["skipped"] is False and own["vectors"] == 18
+    _, pids2 = ShardedIndex.load(rd.local_path(INDEX)).search(q, 3)
+    assert sorted(pids2[0]) == sorted(pids[0])

@@ -40,13 +40,18 @@ def test_reward_score_batch_in_ray_data(ray_session, tmp_path):
     import ray
 
     # a saved directory, so the actor and this process hold the same head (a fresh head is random per load)
+    # saved as the run dir's reward_model: the actors resolve "run:reward_model" themselves (no driver-local path)
+    from uae_ray.runtime import RunDir
+
     model, tok = load_reward_model("all-minilm-l6-v2")
-    model.save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
+    rd = RunDir(tmp_path / "run")
+    with rd.staged_dir("reward_model") as d:
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
     table = pa.table({"qid": ["q1", "q2", "q1"], "question": QUESTIONS, "text": PASSAGES})
     ds = ray.data.from_arrow(table).repartition(2).map_batches(
         RewardScoreBatch,
-        fn_constructor_kwargs={"model_path": str(tmp_path / "rm"), "max_length": 64},
+        fn_constructor_kwargs={"model_path": "run:reward_model", "run_dir": rd.uri, "max_length": 64},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
         batch_size=2,
         num_cpus=1,

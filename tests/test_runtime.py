@@ -4,6 +4,7 @@ which takes the object-store code path), plus the Ray start-up helper."""
 from __future__ import annotations
 
 import os
+import time
 
 import pyarrow as pa
 import pytest
@@ -85,6 +86,13 @@ def test_non_local_filesystem_path(tmp_path):
     assert sorted(rd.listdir("reward_model")) == [SUCCESS_MARKER, "config.json", "sub"]
     local = rd.fetch_dir("reward_model", cache_root=tmp_path / "cache")
     assert (local / "sub" / "w.bin").read_bytes() == b"abc" and (local / SUCCESS_MARKER).exists()
+    assert rd.fetch_dir("reward_model", cache_root=tmp_path / "cache") == local  # cached: fetched once per node
+    time.sleep(0.01)
+    with rd.staged_dir("reward_model") as d:  # saved again (a new training run): the next fetch sees the new files
+        (d / "config.json").write_text('{"v": 2}')
+    again = rd.fetch_dir("reward_model", cache_root=tmp_path / "cache")
+    assert again != local and (again / "config.json").read_text() == '{"v": 2}' and not (again / "sub").exists()
+    assert not [p for p in (tmp_path / "cache" / "uae_ray_fetch").iterdir() if ".tmp-" in p.name]
     rd.remove("reward_model")
     assert not rd.exists("reward_model")
 

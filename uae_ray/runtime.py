@@ -158,7 +158,7 @@ class RunDir:
             scratch = Path(tempfile.mkdtemp(prefix="uae_ray_stage-"))
         try:
             yield scratch
-            (scratch / SUCCESS_MARKER).write_text("ok\n")
+            (scratch / SUCCESS_MARKER).write_text(f"ok {uuid.uuid4().hex}\n")  # unique: names this version
             if self.is_local:
                 if final.exists():
                     shutil.rmtree(final)
@@ -170,26 +170,46 @@ class RunDir:
                 shutil.rmtree(scratch, ignore_errors=True)
 
     def _upload_dir(self, local: Path, name: str) -> None:
+        if self.exists(name):  # an older version: its marker goes first (readers see "incomplete", never a mix)
+            if self.exists(f"{name}/{SUCCESS_MARKER}"):
+                self.fs.delete_file(self.path(f"{name}/{SUCCESS_MARKER}"))
+            self.remove(name)
         files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != SUCCESS_MARKER)
         for p in files:
             rel = p.relative_to(local).as_posix()
             self.fs.create_dir(self.path(f"{name}/{rel}").rsplit("/", 1)[0], recursive=True)
             pafs.copy_files(str(p), self.path(f"{name}/{rel}"), source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=self.fs)
-        self.write_text(f"{name}/{SUCCESS_MARKER}", "ok\n")
+        marker = (local / SUCCESS_MARKER).read_text() if (local / SUCCESS_MARKER).exists() else "ok\n"
+        self.write_text(f"{name}/{SUCCESS_MARKER}", marker)
 
     def fetch_dir(self, name: str, cache_root: str | os.PathLike[str] | None = None) -> Path:
-        """A local copy of complete directory ``name`` (the directory itself for a local run dir)."""
+        """A local copy of complete directory ``name`` (the directory itself for a local run dir).
+
+        Object stores: copied once per node into ``cache_root`` (default: the temp dir), keyed by the directory's
+        path and its ``_SUCCESS`` marker (unique per save), so a model saved again is fetched again. The copy
+        lands under a temporary name and is renamed into place, so actors fetching at once never see half a copy.
+        """
         if not self.dir_complete(name):
             raise FileNotFoundError(f"{self.path(name)} is missing or incomplete (no {SUCCESS_MARKER})")
         if self.is_local:
             return self.local_path(name)
-        root = Path(cache_root or tempfile.gettempdir()) / "uae_ray_fetch" / uuid.uuid5(
-            uuid.NAMESPACE_URL, self.path(name)
-        ).hex
+        version = f"{self.path(name)}@{self.read_text(f'{name}/{SUCCESS_MARKER}').strip()}"
+        root = Path(cache_root or tempfile.gettempdir()) / "uae_ray_fetch" / uuid.uuid5(uuid.NAMESPACE_URL, version).hex
         if not (root / SUCCESS_MARKER).exists():
-            pafs.copy_files(self.path(name), str(root), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            root.parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+            try:
+                pafs.copy_files(self.path(name), str(scratch), source_filesystem=self.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+                try:
+                    os.replace(scratch, root)
+                except OSError:  # another process on this node finished the same copy first
+                    if not (root / SUCCESS_MARKER).exists():
+                        raise
+            finally:
+                if scratch.exists():
+                    shutil.rmtree(scratch, ignore_errors=True)
         return root
 
     def remove(self, name: str) -> None:

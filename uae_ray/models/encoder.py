@@ -67,15 +67,27 @@ class EncodeBatch:
 
     The model is loaded once per actor in ``__init__``; use with ``map_batches(EncodeBatch, fn_constructor_kwargs=
     {...}, compute=ray.data.ActorPoolStrategy(...))``.
+
+    Args:
+        encoder: registry name, hub id, local path, or ``run:<dir>`` (a model directory of the run dir ``run_dir``).
+            ``run:`` specs are resolved on the actor's own node, so a run dir on S3/GCS works on a cluster: each node
+            fetches the model once into its local cache, and no driver-local path is shipped to other nodes.
+        run_dir: the run directory's URI (needed for ``run:`` specs).
+        text_column: column to encode; max_length: tokens per text; bf16: autocast on CPU (None: where native).
     """
 
     def __init__(
-        self, encoder: str, text_column: str = "text", max_length: int | None = None, bf16: bool | None = None
+        self, encoder: str, text_column: str = "text", max_length: int | None = None, bf16: bool | None = None,
+        run_dir: str | None = None,
     ):
         import torch
 
+        from uae_ray.index.source import resolve_encoder
+        from uae_ray.runtime import RunDir
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_encoder(encoder, device)
+        path = resolve_encoder(encoder, RunDir(run_dir) if run_dir else None)
+        self.model = load_encoder(path, device)
         self.text_column = text_column
         self.max_length = max_length
         # None: bf16 autocast only on a CPU with native bf16 units (emulated bf16 is far slower than fp32)

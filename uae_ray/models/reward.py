@@ -110,7 +110,9 @@ class RewardScoreBatch:
     compute=ray.data.ActorPoolStrategy(...))``; the model loads once per actor.
 
     Args:
-        model_path: reward model directory (or registry name / hub id).
+        model_path: reward model directory, registry name / hub id, or ``run:<dir>`` (a model directory of the run
+            dir ``run_dir``, fetched on the actor's own node: a run dir on S3/GCS works on a cluster).
+        run_dir: the run directory's URI (needed for ``run:`` paths).
         max_length: tokens per pair.
         batch_size: pairs per forward pass inside one Ray Data batch.
         question_column / text_column / output_column: column names.
@@ -118,12 +120,16 @@ class RewardScoreBatch:
 
     def __init__(
         self, model_path: str, max_length: int = 256, batch_size: int = 32, question_column: str = "question",
-        text_column: str = "text", output_column: str = "teacher_score",
+        text_column: str = "text", output_column: str = "teacher_score", run_dir: str | None = None,
     ) -> None:
         import torch
 
+        from uae_ray.index.source import resolve_encoder
+        from uae_ray.runtime import RunDir
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_reward_model(model_path, device)
+        path = resolve_encoder(model_path, RunDir(run_dir) if run_dir else None)  # run:<dir> or a model spec
+        self.model, self.tokenizer = load_reward_model(path, device)
         self.max_length = max_length
         self.batch_size = batch_size
         self.question_column = question_column

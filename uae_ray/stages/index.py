@@ -23,8 +23,11 @@ from uae_ray.runtime import RunDir, ensure_ray
 log = logging.getLogger("uae_ray.index")
 
 
-def encode_corpus(corpus: pa.Table, encoder_path: str, pool: ActorPool) -> np.ndarray:
+def encode_corpus(corpus: pa.Table, encoder: str, pool: ActorPool, run_dir: str | None = None) -> np.ndarray:
     """Encode the ``text`` column with an actor pool of :class:`~uae_ray.models.encoder.EncodeBatch`.
+
+    Args:
+        encoder: a model spec; ``run:<dir>`` is resolved against ``run_dir`` (a URI) on each actor's node.
 
     Returns:
         float32 [n, d] unit vectors in the row order of ``corpus``.
@@ -38,7 +41,7 @@ def encode_corpus(corpus: pa.Table, encoder_path: str, pool: ActorPool) -> np.nd
     blocks = max(1, min(n // pool.batch_size, 4 * pool.max_size))
     ds = ray.data.from_arrow(table, override_num_blocks=blocks).map_batches(
         EncodeBatch,
-        fn_constructor_kwargs={"encoder": encoder_path},
+        fn_constructor_kwargs={"encoder": encoder, "run_dir": run_dir},
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
         batch_size=pool.batch_size,
         num_cpus=pool.num_cpus,
@@ -95,7 +98,7 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
     use_gpu = gpu_available() > 0 if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
     ensure_ray()
     t0 = time.perf_counter()
-    vectors = encode_corpus(corpus, encoder_path, cfg.pool)
+    vectors = encode_corpus(corpus, cfg.encoder, cfg.pool, run_dir.uri)  # actors resolve cfg.encoder themselves
     encode_s = time.perf_counter() - t0
     log.info("index: encoded %d passages in %.1f s; building %s x %d", len(vectors), encode_s, cfg.factory,
              cfg.num_shards)

@@ -61,7 +61,8 @@ def run(cfg: ScoreRewardConfig, run_dir: RunDir) -> dict:
     blocks = max(1, min(64, pairs.num_rows // max(1, cfg.pool.batch_size)))
     ds = ray.data.from_arrow(pairs, override_num_blocks=blocks).map_batches(
         RewardScoreBatch,
-        fn_constructor_kwargs={"model_path": str(run_dir.fetch_dir(REWARD_MODEL)), "max_length": cfg.max_length},
+        fn_constructor_kwargs={"model_path": f"run:{REWARD_MODEL}", "run_dir": run_dir.uri,
+                               "max_length": cfg.max_length},  # fetched on each actor's node
         compute=ray.data.ActorPoolStrategy(min_size=cfg.pool.min_size, max_size=cfg.pool.max_size),
         batch_size=cfg.pool.batch_size,
         num_cpus=cfg.pool.num_cpus,
