@@ -126,6 +126,12 @@ def test_prepare_without_required_gold_and_max_docs(tmp_path):
     prepare.run(_cfg(max_docs_per_split={"train": 1}, inputs=dev_only), rd4)
     assert "max_docs_per_split" not in rd4.read_json(schema.PREPARE_REPORT)["questions"]["skipped"]
     assert rd4.read_json(schema.PREPARE_REPORT)["splits"]["dev"]["documents"] == 2
+    rd5 = RunDir(tmp_path / "run5")  # at most one question per document; the rest are counted, not lost silently
+    prepare.run(_cfg(max_queries_per_doc=1, inputs=dev_only), rd5)
+    rep5 = rd5.read_json(schema.PREPARE_REPORT)["questions"]
+    q5 = rd5.read_table(schema.QUERIES).to_pylist()
+    assert len({r["doc_id"] for r in q5}) == len(q5) == rep5["kept"] == 2
+    assert rep5["skipped"]["max_queries_per_doc"] == 1  # 3 questions with gold in 2 documents
 
 
 def test_prepare_errors_across_inputs_write_nothing(tmp_path):

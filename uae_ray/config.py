@@ -79,6 +79,7 @@ class PrepareConfig(StageConfig):
     seed: int = 13
     # first N documents of each split, for small runs: one N for every split, or {train: 100, dev: 35}
     max_docs_per_split: PositiveInt | dict[Literal["train", "dev", "test"], PositiveInt] | None = None
+    max_queries_per_doc: PositiveInt | None = None  # first N kept questions of each document (skips are counted)
     require_gold: bool = True  # questions whose gold passage cannot be resolved are skipped (counted by reason)
 
     @model_validator(mode="after")

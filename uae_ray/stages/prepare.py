@@ -90,6 +90,7 @@ class _State:
     dropped_docs: set[str] = field(default_factory=set)
     docs_per_split: Counter[str] = field(default_factory=Counter)
     queries_per_split: Counter[str] = field(default_factory=Counter)
+    queries_per_doc: Counter[str] = field(default_factory=Counter)
     passages_kept: int = 0
     windows_written: int = 0
     passages_windowed: int = 0
@@ -177,6 +178,10 @@ def _write_query(cfg: PrepareConfig, source: str, q: Query, windows_of: dict[str
     if not gold and cfg.require_gold:
         stats.skipped[q.no_gold_reason or "no_gold_passage"] += 1
         return
+    if cfg.max_queries_per_doc is not None and st.queries_per_doc[q.doc_id] >= cfg.max_queries_per_doc:
+        stats.skipped["max_queries_per_doc"] += 1
+        return
+    st.queries_per_doc[q.doc_id] += 1
     split = st.doc_split[q.doc_id]
     st.queries_per_split[split] += 1
     st.queries.append(qid=q.qid, doc_id=q.doc_id, question=q.question, answers=list(q.answers),
