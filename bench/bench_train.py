@@ -41,7 +41,8 @@ SCALINGS = {"1x2cpu": TrainScaling(num_workers=1, cpus_per_worker=2), "2x1cpu": 
 
 # ------------------------------------------------------------------------------------------------------- pool eval
 def pool_metrics(run_dir: RunDir, encoder: str, split: str = "dev", max_length: int = 256) -> dict[str, float]:
-    """Recall@1 and MAP of ``encoder`` ranking each ``split`` query's candidate pool (gold from queries.parquet).
+    """Recall@1, MAP and ExpUtil@1 of ``encoder`` ranking each ``split`` query's candidate pool (gold from
+    queries.parquet; ExpUtil@1: mean labeled utility of the top-1 candidate, over queries whose top-1 is labeled).
 
     ``encoder``: ``base`` (the embedded MiniLM), ``run:<dir>`` (a model directory in the run dir) or a name/path.
     """
@@ -58,10 +59,14 @@ def pool_metrics(run_dir: RunDir, encoder: str, split: str = "dev", max_length: 
         if r["qid"] in q:
             pools.setdefault(r["qid"], []).append(r["pid"])
     qids = sorted(qid for qid in pools if q[qid]["gold_pids"])
+    util: dict[tuple[str, str], float] = {}
+    if run_dir.exists(schema.UTILITIES):
+        u = run_dir.read_table(schema.UTILITIES, columns=["qid", "pid", "utility"]).to_pylist()
+        util = {(r["qid"], r["pid"]): r["utility"] for r in u if r["qid"] in q}
     pids = sorted({p for qid in qids for p in pools[qid]})
     pvec = dict(zip(pids, encode(model, [texts[p] for p in pids], max_length=max_length), strict=True))
     qvec = encode(model, [q[qid]["question"] for qid in qids], max_length=64)
-    r1, ap, gold_in_pool = [], [], 0
+    r1, ap, eu1, gold_in_pool = [], [], [], 0
     for qid, v in zip(qids, qvec, strict=True):
         cand = pools[qid]
         scores = np.stack([pvec[p] for p in cand]) @ v
@@ -70,7 +75,10 @@ def pool_metrics(run_dir: RunDir, encoder: str, split: str = "dev", max_length: 
         gold_in_pool += bool(gold & set(cand))
         r1.append(recall_at_k(ranking, gold, 1))
         ap.append(average_precision(ranking, gold))
-    return {"queries": len(qids), "gold_in_pool": gold_in_pool, "R@1": float(np.mean(r1)), "MAP": float(np.mean(ap))}
+        if (qid, ranking[0]) in util:
+            eu1.append(util[(qid, ranking[0])])
+    return {"queries": len(qids), "gold_in_pool": gold_in_pool, "R@1": float(np.mean(r1)), "MAP": float(np.mean(ap)),
+            "ExpUtil@1": float(np.mean(eu1)) if eu1 else None, "ExpUtil@1_n": len(eu1)}
 
 
 # ------------------------------------------------------------------------------------------------------ throughput
