@@ -64,6 +64,24 @@ def test_markers_skip_stale_and_resume(tmp_path: Path):
     assert resumed["prepare"]["state"] == "resume"
 
 
+def test_config_hash_ignores_defaults_and_labels_survive_upstream_changes():
+    steps = {s.name: s for s in pipeline.plan(_cfg())}
+    label = steps["label"]
+    # a field spelled out at its default (or a new field with a default) is the same config
+    same = label.config.model_copy(update={"rows_per_batch": label.config.rows_per_batch})
+    assert pipeline.config_sha1(same) == pipeline.config_sha1(label.config)
+    other = label.config.model_copy(update={"rows_per_batch": label.config.rows_per_batch + 1})
+    assert pipeline.config_sha1(other) != pipeline.config_sha1(label.config)
+    # label: upstream changed, same config -> keep the utilities; config changed -> remove them
+    marker = {"config_sha1": pipeline.config_sha1(label.config), "fingerprint": "old"}
+    assert pipeline.stale_outputs(label, marker) == ()
+    assert pipeline.stale_outputs(label, {**marker, "config_sha1": "x"}) == label.outputs
+    assert pipeline.stale_outputs(label, None) == label.outputs
+    # every other step starts over
+    assert pipeline.stale_outputs(steps["mine"], {"config_sha1": pipeline.config_sha1(steps["mine"].config)}) == \
+        steps["mine"].outputs
+
+
 def test_until_must_name_a_step(tmp_path: Path):
     with pytest.raises(ValueError, match="--until 'serve'"):
         pipeline.run(_cfg(), RunDir(tmp_path / "run"), until="serve")

@@ -58,7 +58,7 @@ def encode_texts(ids: list[str], texts: list[str], cfg: MineConfig, what: str) -
 
 
 def _fingerprint(cfg: MineConfig, run_dir: RunDir) -> str:
-    parts = [cfg.model_dump_json()]
+    parts = [cfg.model_dump_json(exclude_defaults=True)]
     for name in (CORPUS, QUERIES) + ((TEACHER_SCORES,) if cfg.reward_weight > 0 else ()):
         info = run_dir.fs.get_file_info(run_dir.path(name))
         parts.append(f"{name}:{info.size}:{info.mtime_ns}")

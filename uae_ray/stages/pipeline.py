@@ -9,6 +9,11 @@ marker with another fingerprint (the config changed, or an upstream step ran aga
 are removed and it runs again, so a stage never mistakes stale outputs for its own. A marker left ``running`` with the
 same fingerprint is a crashed run: the stage runs again over its partial outputs and resumes (labeling parts, Ray
 Train checkpoints). Each run of a step gets a new run id, which makes everything downstream stale.
+
+Two rules keep expensive outputs safe. Configs are fingerprinted without the fields left at their defaults, so a new
+uae-ray version that adds a config field does not make existing runs stale. And the label step keeps its utilities
+when only an upstream step changed (its own config is the same): labels are keyed by (qid, pid, generator, prompt
+version), so the label stage itself keeps every still-valid pair and labels only the pairs that are new.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Step:
     config: StageConfig
     upstream: tuple[str, ...]
     outputs: tuple[str, ...]
+    keep_on_upstream_change: bool = False  # outputs stay valid per row when only upstream changed (labels)
 
 
 def plan(cfg: PipelineConfig) -> list[Step]:
@@ -49,7 +55,8 @@ def plan(cfg: PipelineConfig) -> list[Step]:
     steps = [
         Step("prepare", "prepare", "prepare", cfg.prepare, (), (S.CORPUS, S.QUERIES, S.PREPARE_REPORT)),
         Step("mine", "mine", "mine", cfg.mine, ("prepare",), (S.CANDIDATES, S.MINE_REPORT)),
-        Step("label", "label", "label", cfg.label, ("mine",), (S.UTILITIES, S.LABEL_REPORT)),
+        Step("label", "label", "label", cfg.label, ("mine",), (S.UTILITIES, S.LABEL_REPORT),
+             keep_on_upstream_change=True),
         Step("train-reward", "train_reward", "train-reward", cfg.train_reward, ("label",),
              (S.REWARD_MODEL, S.REWARD_REPORT, f"{S.CHECKPOINTS}/train_reward")),
         Step("score-reward", "score_reward", "score-reward", cfg.score_reward, ("train-reward", "mine"),
@@ -72,10 +79,23 @@ def plan(cfg: PipelineConfig) -> list[Step]:
     return steps
 
 
+def config_sha1(config: StageConfig) -> str:
+    """sha1 of the fields set away from their defaults (a new field with a default leaves it unchanged)."""
+    return hashlib.sha1(config.model_dump_json(exclude_defaults=True).encode()).hexdigest()
+
+
 def fingerprint(step: Step, run_ids: dict[str, str]) -> str:
-    """sha1 of the step's config and of the run ids of its upstream steps."""
-    key = {"config": step.config.model_dump(mode="json"), "upstream": {u: run_ids.get(u) for u in step.upstream}}
+    """sha1 of the step's config (:func:`config_sha1`) and of the run ids of its upstream steps."""
+    key = {"config": config_sha1(step.config), "upstream": {u: run_ids.get(u) for u in step.upstream}}
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def stale_outputs(step: Step, marker: dict[str, Any] | None) -> tuple[str, ...]:
+    """What a stale step removes before it runs again: its outputs, or nothing when the step keeps them per row
+    (``keep_on_upstream_change``) and only upstream changed (the marker's own config hash is the same)."""
+    if step.keep_on_upstream_change and (marker or {}).get("config_sha1") == config_sha1(step.config):
+        return ()
+    return step.outputs
 
 
 def read_marker(run_dir: RunDir, name: str) -> dict[str, Any] | None:
@@ -120,12 +140,15 @@ def run(cfg: PipelineConfig, run_dir: RunDir, until: str | None = None) -> dict[
             result[step.name] = {"state": state, "summary": marker.get("summary")}
         else:
             if state == "stale":
-                log.info("pipeline: %-22s stale (config or upstream changed): removing %s", step.name, step.outputs)
-                for out in step.outputs:
+                remove = stale_outputs(step, marker)
+                log.info("pipeline: %-22s stale (config or upstream changed): removing %s%s", step.name, remove,
+                         "" if remove else " (same config, upstream changed: the stage keeps what is still valid)")
+                for out in remove:
                     run_dir.remove(out)
             run_id = uuid.uuid4().hex[:12]
-            base = {"step": step.name, "fingerprint": fp, "run_id": run_id, "config": step.config.model_dump(
-                mode="json"), "upstream": {u: run_ids.get(u) for u in step.upstream}}
+            base = {"step": step.name, "fingerprint": fp, "run_id": run_id, "config_sha1": config_sha1(step.config),
+                    "config": step.config.model_dump(mode="json"),
+                    "upstream": {u: run_ids.get(u) for u in step.upstream}}
             run_dir.write_json(f"{MARKERS}/{step.name}.json", {**base, "status": "running", "started": time.time()})
             log.info("pipeline: %-22s %s -> running", step.name, state)
             t0 = time.perf_counter()

@@ -191,7 +191,7 @@ def _write_query(cfg: PrepareConfig, source: str, q: Query, windows_of: dict[str
 def fingerprint(cfg: PrepareConfig) -> str:
     """Config plus (path, size, mtime) of each input file (of every file of a local ``hf_dataset`` folder): a rerun
     with the same value has nothing to do. A hub id counts by name only."""
-    parts: list[Any] = [cfg.model_dump(mode="json")]
+    parts: list[Any] = [cfg.model_dump(mode="json", exclude_defaults=True)]  # new fields: same runs
     paths = [Path(spec.path).expanduser() for spec in cfg.inputs]
     if cfg.hf_dataset and Path(cfg.hf_dataset).expanduser().is_dir():
         paths = sorted(p for p in Path(cfg.hf_dataset).expanduser().rglob("*") if p.is_file())
