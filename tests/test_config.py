@@ -98,3 +98,14 @@ def test_pipeline_config_uses_stage_names(tmp_path):
     path.write_text("prepare: {format: jsonl, inputs: [{path: d.jsonl}]}\nlabel: {no_such_key: 1}\n")
     with pytest.raises(ConfigError, match=r"label.no_such_key: Extra inputs are not permitted"):
         load_pipeline_config(path)
+
+
+def test_cli_evaluate_takes_the_label_section(tmp_path):
+    from uae_ray.cli import stage_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("label: {prompt: qasper, answer_aggregate: first}\nevaluate: {split: dev}\n")
+    cfg = stage_config("evaluate", str(path), ["rerank_top_k=5"])
+    assert cfg.label.prompt == "qasper" and cfg.label.answer_aggregate == "first" and cfg.rerank_top_k == 5
+    path.write_text("label: {prompt: qasper}\nevaluate: {label: {prompt: extractive}}\n")
+    assert stage_config("evaluate", str(path), []).label.prompt == "extractive"  # its own label wins

@@ -84,6 +84,15 @@ def _stage_overrides(args: argparse.Namespace) -> list[str]:
     return [*extra, *args.overrides]
 
 
+def stage_config(stage: str, config_path: str | None, overrides: list[str]) -> Any:
+    """The validated config of one stage; ``evaluate`` takes the file's ``label`` section (generator, prompt) unless
+    it sets its own, as ``uae-ray run`` does, so ExpUtil labels on demand match the run's labels."""
+    cfg = load_stage_config(STAGE_CONFIGS[stage], stage, config_path, overrides)
+    if stage == "evaluate" and cfg.label is None:
+        cfg = cfg.model_copy(update={"label": load_stage_config(STAGE_CONFIGS["label"], "label", config_path, [])})
+    return cfg
+
+
 def _resolve_run_settings(args: argparse.Namespace) -> tuple[str, str | None]:
     file_data = read_config_file(args.config)
     run_dir = args.run_dir or file_data.get("run_dir")
@@ -107,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if cfg is None:
                 raise ConfigError("uae-ray run needs --config FILE.yaml")
         else:
-            cfg = load_stage_config(STAGE_CONFIGS[args.stage], args.stage, args.config, _stage_overrides(args))
+            cfg = stage_config(args.stage, args.config, _stage_overrides(args))
     except ConfigError as e:  # validated on the driver, before any Ray work
         print(f"uae-ray {args.stage}: config error: {e}", file=sys.stderr)
         return 2
