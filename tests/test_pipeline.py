@@ -77,6 +77,9 @@ def test_config_hash_ignores_defaults_and_labels_survive_upstream_changes():
     assert pipeline.stale_outputs(label, marker) == ()
     assert pipeline.stale_outputs(label, {**marker, "config_sha1": "x"}) == label.outputs
     assert pipeline.stale_outputs(label, None) == label.outputs
+    # a marker written before config_sha1 existed: its stored config is compared instead
+    assert pipeline.stale_outputs(label, {"config": label.config.model_dump(mode="json")}) == ()
+    assert pipeline.stale_outputs(label, {"config": other.model_dump(mode="json")}) == label.outputs
     # every other step starts over
     assert pipeline.stale_outputs(steps["mine"], {"config_sha1": pipeline.config_sha1(steps["mine"].config)}) == \
         steps["mine"].outputs

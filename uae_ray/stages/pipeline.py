@@ -93,9 +93,15 @@ def fingerprint(step: Step, run_ids: dict[str, str]) -> str:
 def stale_outputs(step: Step, marker: dict[str, Any] | None) -> tuple[str, ...]:
     """What a stale step removes before it runs again: its outputs, or nothing when the step keeps them per row
     (``keep_on_upstream_change``) and only upstream changed (the marker's own config hash is the same)."""
-    if step.keep_on_upstream_change and (marker or {}).get("config_sha1") == config_sha1(step.config):
-        return ()
-    return step.outputs
+    if not step.keep_on_upstream_change or marker is None:
+        return step.outputs
+    before = marker.get("config_sha1")
+    if before is None and isinstance(marker.get("config"), dict):  # a marker from before config_sha1 existed
+        try:
+            before = config_sha1(type(step.config).model_validate(marker["config"]))
+        except ValueError:
+            return step.outputs
+    return () if before == config_sha1(step.config) else step.outputs
 
 
 def read_marker(run_dir: RunDir, name: str) -> dict[str, Any] | None:
