@@ -40,6 +40,11 @@ def resolve_encoder(spec: str, run_dir: RunDir | None) -> str:
     return resolve(spec).path
 
 
+def resolve_on_worker(spec: str, run_dir_uri: str | None) -> str:
+    """:func:`resolve_encoder` on a Ray worker holding only the run dir URI (`run:<dir>` fetched on its node)."""
+    return resolve_encoder(spec, RunDir(run_dir_uri) if run_dir_uri else None)
+
+
 def encoder_fingerprint(path: str) -> str:
     """sha1 over (relative path, size, mtime) of the model files of a local directory; the path itself otherwise."""
     p = Path(path)

@@ -82,12 +82,10 @@ class EncodeBatch:
     ):
         import torch
 
-        from uae_ray.index.source import resolve_encoder
-        from uae_ray.runtime import RunDir
+        from uae_ray.index.source import resolve_on_worker
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        path = resolve_encoder(encoder, RunDir(run_dir) if run_dir else None)
-        self.model = load_encoder(path, device)
+        self.model = load_encoder(resolve_on_worker(encoder, run_dir), device)
         self.text_column = text_column
         self.max_length = max_length
         # None: bf16 autocast only on a CPU with native bf16 units (emulated bf16 is far slower than fp32)

@@ -124,12 +124,10 @@ class RewardScoreBatch:
     ) -> None:
         import torch
 
-        from uae_ray.index.source import resolve_encoder
-        from uae_ray.runtime import RunDir
+        from uae_ray.index.source import resolve_on_worker
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        path = resolve_encoder(model_path, RunDir(run_dir) if run_dir else None)  # run:<dir> or a model spec
-        self.model, self.tokenizer = load_reward_model(path, device)
+        self.model, self.tokenizer = load_reward_model(resolve_on_worker(model_path, run_dir), device)
         self.max_length = max_length
         self.batch_size = batch_size
         self.question_column = question_column
