@@ -51,38 +51,57 @@ def test_markers_skip_stale_and_resume(tmp_path: Path):
     stale = pipeline.run(changed, rd, until="prepare")
     assert stale["prepare"]["state"] == "stale"
     new_marker = json.loads((rd.local_path("pipeline") / "prepare.json").read_text())
-    assert new_marker["run_id"] != marker["run_id"] and new_marker["fingerprint"] != marker["fingerprint"]
-    # downstream steps see the new upstream run id: their fingerprint changes
+    assert new_marker["run_id"] != marker["run_id"]
+    assert new_marker["config"]["max_passage_tokens"] == 64
+    # downstream steps see the new upstream run id: they are stale, and say why
     steps = {s.name: s for s in pipeline.plan(changed)}
-    assert pipeline.fingerprint(steps["mine"], {"prepare": marker["run_id"]}) != pipeline.fingerprint(
-        steps["mine"], {"prepare": new_marker["run_id"]})
+    mine_marker = {"status": "done", "config": steps["mine"].config.model_dump(mode="json"),
+                   "upstream": {"prepare": marker["run_id"]}}
+    assert pipeline.staleness(steps["mine"], mine_marker, {"prepare": new_marker["run_id"]}) == ["upstream prepare"]
+    assert pipeline.step_state(steps["mine"], mine_marker, {"prepare": marker["run_id"]}) == "current"
 
-    # a crash leaves the marker 'running' with the same fingerprint: the step resumes (outputs kept)
+    # a crash leaves the marker 'running' with the same config and upstream: the step resumes (outputs kept)
     (rd.local_path("pipeline") / "prepare.json").write_text(json.dumps({**new_marker, "status": "running"}))
-    assert pipeline.step_state(pipeline.read_marker(rd, "prepare"), new_marker["fingerprint"]) == "resume"
+    assert pipeline.step_state(steps["prepare"], pipeline.read_marker(rd, "prepare"), {}) == "resume"
     resumed = pipeline.run(changed, rd, until="prepare")
     assert resumed["prepare"]["state"] == "resume"
 
 
-def test_config_hash_ignores_defaults_and_labels_survive_upstream_changes():
+def test_config_changes_new_fields_are_no_change_changed_defaults_are():
+    steps = {s.name: s for s in pipeline.plan(_cfg())}
+    for step in steps.values():  # a marker of the same config: no change, every step (nested sections included)
+        assert pipeline.config_changes(step.config.model_dump(mode="json"), step.config) == [], step.name
+    label = steps["label"]
+    stored = label.config.model_dump(mode="json")
+    # a field this version added (absent from an older marker) is not a change
+    older = {k: v for k, v in stored.items() if k != "rows_per_batch"}
+    assert pipeline.config_changes(older, label.config) == []
+    # a changed value is, also when it is a default that changed between versions (the marker holds the old one)
+    assert pipeline.config_changes({**stored, "rows_per_batch": stored["rows_per_batch"] + 1}, label.config) == [
+        "rows_per_batch"]
+    # nested sections are compared field by field, with dotted names
+    pool = {**stored["pool"], "max_size": stored["pool"]["max_size"] + 1}
+    assert pipeline.config_changes({**stored, "pool": pool}, label.config) == ["pool.max_size"]
+    # user dicts are compared whole: a split added to max_docs_per_split is a change
+    prep = _cfg("prepare.max_docs_per_split={train: 5}")
+    prep2 = _cfg("prepare.max_docs_per_split={train: 5, dev: 3}")
+    assert pipeline.config_changes(prep.prepare.model_dump(mode="json"), prep2.prepare) == ["max_docs_per_split"]
+    assert pipeline.config_changes(None, label.config) == ["<config>"]
+
+
+def test_labels_survive_upstream_changes():
     steps = {s.name: s for s in pipeline.plan(_cfg())}
     label = steps["label"]
-    # a field spelled out at its default (or a new field with a default) is the same config
-    same = label.config.model_copy(update={"rows_per_batch": label.config.rows_per_batch})
-    assert pipeline.config_sha1(same) == pipeline.config_sha1(label.config)
     other = label.config.model_copy(update={"rows_per_batch": label.config.rows_per_batch + 1})
-    assert pipeline.config_sha1(other) != pipeline.config_sha1(label.config)
+    marker = {"config": label.config.model_dump(mode="json"), "upstream": {"mine": "old"}}
     # label: upstream changed, same config -> keep the utilities; config changed -> remove them
-    marker = {"config_sha1": pipeline.config_sha1(label.config), "fingerprint": "old"}
+    assert pipeline.staleness(label, marker, {"mine": "new"}) == ["upstream mine"]
     assert pipeline.stale_outputs(label, marker) == ()
-    assert pipeline.stale_outputs(label, {**marker, "config_sha1": "x"}) == label.outputs
+    assert pipeline.stale_outputs(label, {**marker, "config": other.model_dump(mode="json")}) == label.outputs
     assert pipeline.stale_outputs(label, None) == label.outputs
-    # a marker written before config_sha1 existed: its stored config is compared instead
-    assert pipeline.stale_outputs(label, {"config": label.config.model_dump(mode="json")}) == ()
-    assert pipeline.stale_outputs(label, {"config": other.model_dump(mode="json")}) == label.outputs
     # every other step starts over
-    assert pipeline.stale_outputs(steps["mine"], {"config_sha1": pipeline.config_sha1(steps["mine"].config)}) == \
-        steps["mine"].outputs
+    mine = steps["mine"]
+    assert pipeline.stale_outputs(mine, {"config": mine.config.model_dump(mode="json")}) == mine.outputs
 
 
 def test_until_must_name_a_step(tmp_path: Path):

@@ -3,29 +3,33 @@
 prepare -> mine -> label -> train-reward -> score-reward -> train-encoder (UAE) -> train-encoder (gold-only InfoNCE
 ablation) -> index -> evaluate.
 
-Each stage leaves a marker ``pipeline/<step>.json`` holding a fingerprint of its config and of the run ids of the
-markers it depends on. A step is *current* when its marker is ``done`` with the same fingerprint: it is skipped. A
-marker with another fingerprint (the config changed, or an upstream step ran again) makes the step *stale*: its outputs
-are removed and it runs again, so a stage never mistakes stale outputs for its own. A marker left ``running`` with the
-same fingerprint is a crashed run: the stage runs again over its partial outputs and resumes (labeling parts, Ray
-Train checkpoints). Each run of a step gets a new run id, which makes everything downstream stale.
+Each stage leaves a marker ``pipeline/<step>.json`` holding its whole config and the run ids of the markers it
+depends on. A step is *current* when its marker is ``done``, its upstream run ids are the same and its config is the
+same: it is skipped. Another config or another upstream run makes the step *stale*: its outputs are removed and it
+runs again, so a stage never mistakes stale outputs for its own. A marker left ``running`` with the same config and
+upstream is a crashed run: the stage runs again over its partial outputs and resumes (labeling parts, Ray Train
+checkpoints). Each run of a step gets a new run id, which makes everything downstream stale.
 
-Two rules keep expensive outputs safe. Configs are fingerprinted without the fields left at their defaults, so a new
-uae-ray version that adds a config field does not make existing runs stale. And the label step keeps its utilities
-when only an upstream step changed (its own config is the same): labels are keyed by (qid, pid, generator, prompt
-version), so the label stage itself keeps every still-valid pair and labels only the pairs that are new.
+Configs are compared setting by setting over the settings that both the marker and the current version know
+(:func:`config_changes`): a setting added by a newer uae-ray (absent from old markers) does not make existing runs
+stale, while a changed value, including a changed default, does. The label step keeps its utilities when only an
+upstream step changed (its own config is the same): labels are keyed by (qid, pid, generator, prompt version), so
+the label stage itself keeps every still-valid pair and labels only the pairs that are new.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 from uae_ray.config import PipelineConfig, StageConfig
 from uae_ray.data import schema as S
@@ -79,29 +83,46 @@ def plan(cfg: PipelineConfig) -> list[Step]:
     return steps
 
 
-def config_sha1(config: StageConfig) -> str:
-    """sha1 of the fields set away from their defaults (a new field with a default leaves it unchanged)."""
-    return hashlib.sha1(config.model_dump_json(exclude_defaults=True).encode()).hexdigest()
+def config_changes(stored: Any, config: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of the settings whose value in ``stored`` (a marker's JSON config) differs from ``config``.
+
+    Only settings both know are compared: a field added since the marker was written (or removed) is not a change;
+    a changed value is, whether set in the config file or a changed default. Nested stage sections are compared
+    field by field; any other value (lists, user dicts such as ``max_docs_per_split``) as a whole."""
+    if not isinstance(stored, Mapping):
+        return [prefix.rstrip(".") or "<config>"]
+    changed = []
+    for name in type(config).model_fields:
+        if name not in stored:
+            continue
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            changed += config_changes(stored[name], value, f"{prefix}{name}.")
+        elif to_jsonable_python(value) != stored[name]:
+            changed.append(f"{prefix}{name}")
+    return changed
 
 
-def fingerprint(step: Step, run_ids: dict[str, str]) -> str:
-    """sha1 of the step's config (:func:`config_sha1`) and of the run ids of its upstream steps."""
-    key = {"config": config_sha1(step.config), "upstream": {u: run_ids.get(u) for u in step.upstream}}
-    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
+def upstream_ids(step: Step, run_ids: Mapping[str, str]) -> dict[str, str | None]:
+    """The run ids of the steps ``step`` reads from (None: not run in this pipeline)."""
+    return {u: run_ids.get(u) for u in step.upstream}
 
 
-def stale_outputs(step: Step, marker: dict[str, Any] | None) -> tuple[str, ...]:
+def staleness(step: Step, marker: Mapping[str, Any], run_ids: Mapping[str, str]) -> list[str]:
+    """Why ``marker`` no longer describes ``step``: the changed settings and ``upstream <step>`` for each upstream
+    step that ran again; empty when it still does."""
+    why = config_changes(marker.get("config"), step.config)
+    before = marker.get("upstream") or {}
+    why += [f"upstream {u}" for u, rid in upstream_ids(step, run_ids).items() if before.get(u) != rid]
+    return why
+
+
+def stale_outputs(step: Step, marker: Mapping[str, Any] | None) -> tuple[str, ...]:
     """What a stale step removes before it runs again: its outputs, or nothing when the step keeps them per row
-    (``keep_on_upstream_change``) and only upstream changed (the marker's own config hash is the same)."""
+    (``keep_on_upstream_change``) and only upstream changed (the marker's config is the same)."""
     if not step.keep_on_upstream_change or marker is None:
         return step.outputs
-    before = marker.get("config_sha1")
-    if before is None and isinstance(marker.get("config"), dict):  # a marker from before config_sha1 existed
-        try:
-            before = config_sha1(type(step.config).model_validate(marker["config"]))
-        except ValueError:
-            return step.outputs
-    return () if before == config_sha1(step.config) else step.outputs
+    return step.outputs if config_changes(marker.get("config"), step.config) else ()
 
 
 def read_marker(run_dir: RunDir, name: str) -> dict[str, Any] | None:
@@ -115,11 +136,11 @@ def read_marker(run_dir: RunDir, name: str) -> dict[str, Any] | None:
         return None
 
 
-def step_state(marker: dict[str, Any] | None, fp: str) -> str:
-    """``current`` (done, same fingerprint), ``resume`` (crashed, same fingerprint), ``stale`` or ``new``."""
+def step_state(step: Step, marker: Mapping[str, Any] | None, run_ids: Mapping[str, str]) -> str:
+    """``current`` (done, same config and upstream), ``resume`` (crashed, same), ``stale`` or ``new``."""
     if marker is None:
         return "new"
-    if marker.get("fingerprint") != fp:
+    if staleness(step, marker, run_ids):
         return "stale"
     return "current" if marker.get("status") == "done" else "resume"
 
@@ -137,9 +158,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir, until: str | None = None) -> dict[
     run_ids: dict[str, str] = {}
     result: dict[str, Any] = {}
     for i, step in enumerate(steps):
-        fp = fingerprint(step, run_ids)
         marker = read_marker(run_dir, step.name)
-        state = step_state(marker, fp)
+        state = step_state(step, marker, run_ids)
         if state == "current":
             run_ids[step.name] = (marker or {})["run_id"]
             log.info("pipeline: %-22s current, skipped", step.name)
@@ -147,14 +167,14 @@ def run(cfg: PipelineConfig, run_dir: RunDir, until: str | None = None) -> dict[
         else:
             if state == "stale":
                 remove = stale_outputs(step, marker)
-                log.info("pipeline: %-22s stale (config or upstream changed): removing %s%s", step.name, remove,
+                log.info("pipeline: %-22s stale (%s): removing %s%s", step.name,
+                         ", ".join(staleness(step, marker or {}, run_ids)), remove,
                          "" if remove else " (same config, upstream changed: the stage keeps what is still valid)")
                 for out in remove:
                     run_dir.remove(out)
             run_id = uuid.uuid4().hex[:12]
-            base = {"step": step.name, "fingerprint": fp, "run_id": run_id, "config_sha1": config_sha1(step.config),
-                    "config": step.config.model_dump(mode="json"),
-                    "upstream": {u: run_ids.get(u) for u in step.upstream}}
+            base = {"step": step.name, "run_id": run_id, "config": step.config.model_dump(mode="json"),
+                    "upstream": upstream_ids(step, run_ids)}
             run_dir.write_json(f"{MARKERS}/{step.name}.json", {**base, "status": "running", "started": time.time()})
             log.info("pipeline: %-22s %s -> running", step.name, state)
             t0 = time.perf_counter()
