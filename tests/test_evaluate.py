@@ -13,7 +13,7 @@ import pytest
 from uae_ray.config import EvaluateConfig, LabelConfig
 from uae_ray.data import schema as S
 from uae_ray.eval.rerankers import parse_permutation
-from uae_ray.eval.systems import BM25System, Corpus
+from uae_ray.eval.systems import BM25System, Corpus, QueryTask, RerankSystem, run_system
 from uae_ray.runtime import RunDir
 
 DEMO = Path(__file__).resolve().parent.parent / "uae_ray" / "assets" / "demo.jsonl"
@@ -73,6 +73,39 @@ def test_bm25_ranks_within_candidates():
 
 
 @pytest.mark.slow
+class _ReverseReranker:
+    """A deterministic re-ranker that takes a known time: reverses the order, counts its calls."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.calls = seconds, 0
+
+    def rerank(self, question: str, passages: list[str]) -> list[int]:
+        import time
+
+        time.sleep(self.seconds)
+        self.calls += 1
+        return list(range(len(passages)))[::-1]
+
+
+def test_rerank_reuses_identical_top_k_and_charges_its_time():
+    corpus = Corpus.from_table(pa.table({"pid": ["a", "b", "c", "d"], "doc_id": ["x", "x", "x", "y"],
+                                         "text": ["red apple pie", "apple tart", "green pear", "blue sky"]}))
+    reranker = _ReverseReranker(0.05)
+    system = RerankSystem("rr", BM25System(corpus), reranker, corpus, top_k=2)
+    doc_x = corpus.doc_rows["x"]
+    first = run_system(system, [QueryTask("q1", "apple pie", doc_x)], corpus, k=3)
+    # the same question over the same first-stage top 2 (another candidate set, as in the open setting): reused
+    again = run_system(system, [QueryTask("q1", "apple pie", np.arange(4)), QueryTask("q2", "blue sky", None)],
+                       corpus, k=3)
+    assert reranker.calls == 2  # q1 once, q2 once
+    assert first.column("pids").to_pylist() == [["b", "a", "c"]]  # BM25 a > b, reversed, c keeps its place
+    assert again.column("pids").to_pylist()[0] == ["b", "a", "c"]
+    assert again.column("reused").to_pylist() == [True, False] and first.column("reused").to_pylist() == [False]
+    # the reused query is charged the measured re-ranking time, not the ~0 s of a dictionary lookup
+    assert again.column("latency_s").to_pylist()[0] >= 0.05
+    assert system.pop_replayed_seconds() == 0.0
+
+
 def test_evaluate_tiny_run_dir(tmp_path: Path):
     from uae_ray.models.registry import resolve
     from uae_ray.stages import evaluate

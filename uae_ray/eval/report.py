@@ -121,7 +121,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 out.append(f"Speed-up of {who} per query (mean latency ratio, same run): "
                            + ", ".join(f"{v:.0f}x over {k}" for k, v in sp.items()) + "  ")
         if block.get("rankgpt_parse"):
-            out.append(f"RankGPT permutation parsing (windows): {block['rankgpt_parse']}")
+            out.append(f"RankGPT permutation parsing (windows): {block['rankgpt_parse']}  ")
+        reused = {n: b["reranks_reused"] for n, b in block["systems"].items() if b.get("reranks_reused")}
+        if reused:
+            out.append("Re-rankings reused from an identical (question, base top K) of an earlier setting, charged "
+                       f"their measured time: {reused}")
         out.append("")
     for name in report.get("plots", []):
         out.append(f"![{name}]({name})")

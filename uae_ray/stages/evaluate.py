@@ -216,6 +216,8 @@ def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str]
             block["systems"][name] = _system_block(list(rows.values()), names, gen_cols, list(lat[name].values()))
             if name in built.index_used:
                 block["systems"][name]["search"] = built.index_used[name]
+            if "reused" in t.column_names:  # rankings written before this column existed have none
+                block["systems"][name]["reranks_reused"] = int(sum(t.column("reused").to_pylist()))
         llm = [n for n in LLM_SYSTEMS if n in per_q]
         if llm:
             shared = set.intersection(*(set(per_q[n]) for n in llm))
