@@ -205,7 +205,10 @@ class LoraConfig(StageConfig):
 
 
 class TrainEncoderConfig(StageConfig):
-    """``uae-ray train-encoder``: the student bi-encoder, distilled from the teacher (or gold-only InfoNCE)."""
+    """``uae-ray train-encoder``: the student bi-encoder, distilled from the teacher (or gold-only InfoNCE).
+
+    tau_s, tau_t, n_hard_negatives, gold_mix and lr were swept one at a time on QASPER dev (bench/README.md, "Sweep"):
+    no point beat these defaults at the configured 2 epochs; lr 5e-5 trains runs of a few dozen steps faster."""
 
     base_model: str = "all-minilm-l6-v2"
     loss: Literal["uae", "infonce", "kl"] = "uae"
