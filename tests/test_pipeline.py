@@ -80,8 +80,13 @@ def test_config_changes_new_fields_are_no_change_changed_defaults_are():
     assert pipeline.config_changes({**stored, "rows_per_batch": stored["rows_per_batch"] + 1}, label.config) == [
         "rows_per_batch"]
     # nested sections are compared field by field, with dotted names
-    pool = {**stored["pool"], "max_size": stored["pool"]["max_size"] + 1}
-    assert pipeline.config_changes({**stored, "pool": pool}, label.config) == ["pool.max_size"]
+    ev = steps["evaluate"].config
+    ev_stored = ev.model_dump(mode="json")
+    ev_label = {**ev_stored["label"], "max_passage_tokens": ev_stored["label"]["max_passage_tokens"] + 1}
+    assert pipeline.config_changes({**ev_stored, "label": ev_label}, ev) == ["label.max_passage_tokens"]
+    # actor pools say where the work runs, not what it produces: resizing one is no change
+    pool = {**stored["pool"], "max_size": stored["pool"]["max_size"] + 1, "num_cpus": 2.0}
+    assert pipeline.config_changes({**stored, "pool": pool}, label.config) == []
     # user dicts are compared whole: a split added to max_docs_per_split is a change
     prep = _cfg("prepare.max_docs_per_split={train: 5}")
     prep2 = _cfg("prepare.max_docs_per_split={train: 5, dev: 3}")

@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from uae_ray.config import PipelineConfig, StageConfig
+from uae_ray.config import ActorPool, PipelineConfig, StageConfig
 from uae_ray.data import schema as S
 from uae_ray.runtime import RunDir
 
@@ -88,7 +88,8 @@ def config_changes(stored: Any, config: BaseModel, prefix: str = "") -> list[str
 
     Only settings both know are compared: a field added since the marker was written (or removed) is not a change;
     a changed value is, whether set in the config file or a changed default. Nested stage sections are compared
-    field by field; any other value (lists, user dicts such as ``max_docs_per_split``) as a whole."""
+    field by field; any other value (lists, user dicts such as ``max_docs_per_split``) as a whole. Ray Data actor
+    pools (``pool``: how many actors, CPUs, GPUs) say where the work runs, not what it produces: never a change."""
     if not isinstance(stored, Mapping):
         return [prefix.rstrip(".") or "<config>"]
     changed = []
@@ -96,6 +97,8 @@ def config_changes(stored: Any, config: BaseModel, prefix: str = "") -> list[str
         if name not in stored:
             continue
         value = getattr(config, name)
+        if isinstance(value, ActorPool):
+            continue
         if isinstance(value, BaseModel):
             changed += config_changes(stored[name], value, f"{prefix}{name}.")
         elif to_jsonable_python(value) != stored[name]:
