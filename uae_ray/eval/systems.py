@@ -163,7 +163,6 @@ class RerankSystem:
         self.top_k = top_k
         self._seen: dict[tuple[str, tuple[int, ...]], tuple[list[int], float]] = {}
         self._replayed_s = 0.0
-        self.reused = 0
 
     def rank(self, question: str, candidates: np.ndarray | None, k: int) -> list[int]:
         base = self.first.rank(question, candidates, max(k, self.top_k))
@@ -172,7 +171,6 @@ class RerankSystem:
         if key in self._seen:
             order, seconds = self._seen[key]
             self._replayed_s += seconds
-            self.reused += 1
         else:
             t0 = time.perf_counter()
             order = self.reranker.rerank(question, [self.corpus.texts[r] for r in head])
