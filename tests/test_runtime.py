@@ -44,6 +44,16 @@ def test_directory_of_parts_reads_as_one_table_and_json(tmp_path):
     assert _leftovers(tmp_path / "run" / "sub") == []
 
 
+def test_remove_stale_temps_keeps_parts(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.write_table("parts/part-000000.parquet", pa.table({"x": [1, 2]}))
+    (tmp_path / "parts" / ".part-000001.parquet.tmp-0123abcd").write_bytes(b"half a part")  # a killed writer's
+    assert rd.read_table("parts").num_rows == 2  # readers skip dot files already
+    assert rd.remove_stale_temps("parts") == 1
+    assert rd.listdir("parts") == ["part-000000.parquet"]
+    assert rd.remove_stale_temps("parts") == 0 and rd.remove_stale_temps("missing") == 0
+
+
 def test_staged_dir_success_and_failure(tmp_path):
     rd = RunDir(tmp_path / "run")
     with rd.staged_dir("encoder") as d:

@@ -212,6 +212,15 @@ class RunDir:
                     shutil.rmtree(scratch, ignore_errors=True)
         return root
 
+    def remove_stale_temps(self, name: str) -> int:
+        """Remove what a killed writer left in directory ``name``: its ``.<file>.tmp-<id>`` files (every write here
+        goes to a fresh temp name, then is renamed, so a temp file that outlives its writer is never output; readers
+        skip dot files). Call it where no other writer works in ``name``. Returns how many were removed."""
+        stale = [n for n in self.listdir(name) if n.startswith(".") and ".tmp-" in n]
+        for n in stale:
+            self.remove(f"{name}/{n}")
+        return len(stale)
+
     def remove(self, name: str) -> None:
         p = self.path(name)
         info = self.fs.get_file_info(p)

@@ -138,6 +138,9 @@ def run(cfg: LabelConfig, run_dir: RunDir) -> dict[str, Any]:
     ensure_ray()
     generator, version = cfg.generator, prompt_version_for(cfg)
     queries, pairs = select_pairs(run_dir, cfg)
+    for name in (UTILITIES, LABEL_SKIPPED):  # a run killed mid-write (SIGKILL) can leave its temp part behind
+        if removed := run_dir.remove_stale_temps(name):
+            log.warning("label: removed %d temporary file(s) a killed run left in %s", removed, run_dir.path(name))
     done = _read_parts(run_dir, UTILITIES, UTILITIES_SCHEMA)
     skipped = _read_parts(run_dir, LABEL_SKIPPED, LABEL_SKIPPED_SCHEMA)
     _check_same_labels(done, run_dir.path(UTILITIES), generator, version)
