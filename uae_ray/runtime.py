@@ -35,6 +35,14 @@ WORKER_ENV_VARS = {
 }
 
 
+_TEMP = ".tmp-"  # every local write goes to ".<name>.tmp-<id>" beside its target, then is renamed into place
+
+
+def _temp_path(parent: str, name: str) -> str:
+    """A fresh temp path in ``parent`` for the file ``name`` (hidden: readers of the directory skip it)."""
+    return f"{parent}/.{name.rsplit('/', 1)[-1]}{_TEMP}{uuid.uuid4().hex[:8]}"
+
+
 class RunDir:
     """A run directory on a local disk or an object store, with atomic writes.
 
@@ -99,7 +107,7 @@ class RunDir:
         if not self.is_local:
             pq.write_table(table, final, filesystem=self.fs)
             return
-        tmp = f"{parent}/.{name.rsplit('/', 1)[-1]}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = _temp_path(parent, name)
         try:
             pq.write_table(table, tmp, filesystem=self.fs)
             os.replace(tmp, final)
@@ -116,7 +124,7 @@ class RunDir:
             with self.fs.open_output_stream(final) as f:
                 f.write(text.encode("utf-8"))
             return
-        tmp = f"{parent}/.{name.rsplit('/', 1)[-1]}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = _temp_path(parent, name)
         Path(tmp).write_text(text, encoding="utf-8")
         os.replace(tmp, final)
 
@@ -138,7 +146,7 @@ class RunDir:
             with self.fs.open_output_stream(final) as f:
                 f.write(data)
             return
-        tmp = f"{parent}/.{name.rsplit('/', 1)[-1]}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = _temp_path(parent, name)
         Path(tmp).write_bytes(data)
         os.replace(tmp, final)
 
@@ -153,7 +161,7 @@ class RunDir:
         if self.is_local:
             final = self.local_path(name)
             final.parent.mkdir(parents=True, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+            scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TEMP}", dir=final.parent))
         else:
             scratch = Path(tempfile.mkdtemp(prefix="uae_ray_stage-"))
         try:
@@ -198,7 +206,7 @@ class RunDir:
         root = Path(cache_root or tempfile.gettempdir()) / "uae_ray_fetch" / uuid.uuid5(uuid.NAMESPACE_URL, version).hex
         if not (root / SUCCESS_MARKER).exists():
             root.parent.mkdir(parents=True, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+            scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}{_TEMP}", dir=root.parent))
             try:
                 pafs.copy_files(self.path(name), str(scratch), source_filesystem=self.fs,
                                 destination_filesystem=pafs.LocalFileSystem())
@@ -216,7 +224,7 @@ class RunDir:
         """Remove what a killed writer left in directory ``name``: its ``.<file>.tmp-<id>`` files (every write here
         goes to a fresh temp name, then is renamed, so a temp file that outlives its writer is never output; readers
         skip dot files). Call it where no other writer works in ``name``. Returns how many were removed."""
-        stale = [n for n in self.listdir(name) if n.startswith(".") and ".tmp-" in n]
+        stale = [n for n in self.listdir(name) if n.startswith(".") and _TEMP in n]
         for n in stale:
             self.remove(f"{name}/{n}")
         return len(stale)
