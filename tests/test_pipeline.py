@@ -58,11 +58,13 @@ def test_markers_skip_stale_and_resume(tmp_path: Path):
     mine_marker = {"status": "done", "config": steps["mine"].config.model_dump(mode="json"),
                    "upstream": {"prepare": marker["run_id"]}}
     assert pipeline.staleness(steps["mine"], mine_marker, {"prepare": new_marker["run_id"]}) == ["upstream prepare"]
-    assert pipeline.step_state(steps["mine"], mine_marker, {"prepare": marker["run_id"]}) == "current"
+    why = pipeline.staleness(steps["mine"], mine_marker, {"prepare": marker["run_id"]})
+    assert why == [] and pipeline.step_state(mine_marker, why) == "current"
 
     # a crash leaves the marker 'running' with the same config and upstream: the step resumes (outputs kept)
     (rd.local_path("pipeline") / "prepare.json").write_text(json.dumps({**new_marker, "status": "running"}))
-    assert pipeline.step_state(steps["prepare"], pipeline.read_marker(rd, "prepare"), {}) == "resume"
+    crashed = pipeline.read_marker(rd, "prepare")
+    assert pipeline.step_state(crashed, pipeline.staleness(steps["prepare"], crashed, {})) == "resume"
     resumed = pipeline.run(changed, rd, until="prepare")
     assert resumed["prepare"]["state"] == "resume"
 

@@ -139,11 +139,12 @@ def read_marker(run_dir: RunDir, name: str) -> dict[str, Any] | None:
         return None
 
 
-def step_state(step: Step, marker: Mapping[str, Any] | None, run_ids: Mapping[str, str]) -> str:
-    """``current`` (done, same config and upstream), ``resume`` (crashed, same), ``stale`` or ``new``."""
+def step_state(marker: Mapping[str, Any] | None, why_stale: list[str]) -> str:
+    """``current`` (done, nothing changed), ``resume`` (crashed, nothing changed), ``stale`` or ``new``;
+    ``why_stale`` is :func:`staleness` of the marker."""
     if marker is None:
         return "new"
-    if staleness(step, marker, run_ids):
+    if why_stale:
         return "stale"
     return "current" if marker.get("status") == "done" else "resume"
 
@@ -162,7 +163,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir, until: str | None = None) -> dict[
     result: dict[str, Any] = {}
     for i, step in enumerate(steps):
         marker = read_marker(run_dir, step.name)
-        state = step_state(step, marker, run_ids)
+        why = staleness(step, marker, run_ids) if marker is not None else []
+        state = step_state(marker, why)
         if state == "current":
             run_ids[step.name] = (marker or {})["run_id"]
             log.info("pipeline: %-22s current, skipped", step.name)
@@ -170,8 +172,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir, until: str | None = None) -> dict[
         else:
             if state == "stale":
                 remove = stale_outputs(step, marker)
-                log.info("pipeline: %-22s stale (%s): removing %s%s", step.name,
-                         ", ".join(staleness(step, marker or {}, run_ids)), remove,
+                log.info("pipeline: %-22s stale (%s): removing %s%s", step.name, ", ".join(why), remove,
                          "" if remove else " (same config, upstream changed: the stage keeps what is still valid)")
                 for out in remove:
                     run_dir.remove(out)
