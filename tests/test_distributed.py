@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +52,11 @@ def _loss(w: torch.Tensor, xq, xp, r, gold, valid, loss: EncoderLoss, rank: int)
     return ENCODER_LOSSES[loss](batch, PARAMS)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store_file: str, out_dir: str) -> None:
+    # A FileStore, not the env:// TCPStore: no free-port race, and no store server thread on rank 0 to tear down
+    # while rank 1 still talks to it (CI once saw rank 0 abort in teardown, "terminate called without an active
+    # exception", after every result was computed).
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
         assert rank_and_world() == (rank, world)
         xq, xp, r, gold, valid, w0 = _data(world)
@@ -71,21 +70,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             if rank == 0:
                 np.save(Path(out_dir) / f"grad-{loss_name.value}.npy", w.grad.numpy())
                 np.save(Path(out_dir) / f"loss-{loss_name.value}.npy", np.array([global_loss]))
+        dist.barrier()  # both ranks done with every collective before either tears the group down
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def gloo_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run the 2-process gloo job once (spawning costs ~10 s), for every loss."""
     out = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(out / "store"), str(out)), nprocs=2, join=True)
     return out
 
 
