@@ -263,3 +263,32 @@ def test_lora_student_trains_and_saves_merged(tmp_path):
     np.testing.assert_allclose(merged, adapted, atol=1e-4)
     base = build_student(TrainEncoderConfig()).encode(["a question about feathers"], normalize_embeddings=True)
     assert not np.allclose(base[0], merged[0], atol=1e-4)  # the adapter changed the weights that were saved
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(lora: bool):
+    """Recomputing activations in backward changes memory, not the math: same loss and gradients (dropout on)."""
+    import torch.nn.functional as F
+
+    from uae_ray.config import LoraConfig
+    from uae_ray.training.loop import build_student
+
+    texts = ["a question about feathers", "blue feathers all year round, said the birdwatcher"]
+    lora_cfg = LoraConfig(r=4, alpha=8, dropout=0.0) if lora else None
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        model = build_student(TrainEncoderConfig(gradient_checkpointing=checkpointing, lora=lora_cfg))
+        inner = model[0].model
+        assert inner.is_gradient_checkpointing is checkpointing
+        model.train()
+        torch.manual_seed(0)
+        feats = model.tokenizer(texts, padding=True, return_tensors="pt")
+        emb = F.normalize(model(dict(feats))["sentence_embedding"], dim=-1)
+        loss = -(emb[0] @ emb[1])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)

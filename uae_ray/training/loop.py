@@ -176,6 +176,9 @@ def build_student(cfg: TrainEncoderConfig) -> Any:
     from uae_ray.models.encoder import load_encoder
 
     model = copy.deepcopy(load_encoder(cfg.base_model, "cpu"))
+    if cfg.gradient_checkpointing:
+        # non-reentrant: recomputes with the saved RNG state (same dropout masks) and needs no input gradients (LoRA)
+        model[0].model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
