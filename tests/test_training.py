@@ -292,3 +292,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(lora: bool):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_teacher_table_reads_the_configured_teacher(tmp_path):
+    """teacher=reward_model reads score-reward's table, teacher=utilities the label stage's parts; missing -> named."""
+    import pyarrow as pa
+
+    from uae_ray.data.schema import TEACHER_SCORES, UTILITIES, UTILITIES_SCHEMA
+    from uae_ray.runtime import RunDir
+    from uae_ray.stages.train_encoder import teacher_table
+
+    run_dir = RunDir(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"teacher_scores\.parquet.*score-reward"):
+        teacher_table(TrainEncoderConfig(), run_dir)
+    with pytest.raises(FileNotFoundError, match=r"utilities.*run label"):
+        teacher_table(TrainEncoderConfig(teacher="utilities"), run_dir)
+    scores = {"qid": ["q1", "q1"], "pid": ["a", "b"], "teacher_score": [0.5, -1.0]}
+    run_dir.write_table(TEACHER_SCORES, pa.table(scores))
+    for i, (pid, u) in enumerate([("a", 2.25), ("b", -0.5)]):
+        run_dir.write_table(f"{UTILITIES}/part-{i:06d}.parquet", pa.table({
+            "qid": ["q1"], "pid": [pid], "logp_with": [-1.0], "logp_without": [-1.0 - u], "n_answer_tokens": [3],
+            "utility": [u], "generator": ["g"], "prompt_version": ["v"]}, schema=UTILITIES_SCHEMA))
+    reward = teacher_table(TrainEncoderConfig(), run_dir).to_pydict()
+    assert reward == scores
+    utilities = teacher_table(TrainEncoderConfig(teacher="utilities"), run_dir).sort_by("pid").to_pydict()
+    assert utilities == {"qid": ["q1", "q1"], "pid": ["a", "b"], "teacher_score": [2.25, -0.5]}

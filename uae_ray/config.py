@@ -217,6 +217,9 @@ class TrainEncoderConfig(StageConfig):
     tau_t: float = Field(1.0, gt=0)
     n_hard_negatives: int = Field(7, ge=0)
     gold_mix: float = Field(0.5, ge=0, le=1)  # teacher target = (1-mix) softmax(r/tau_t) + mix * gold one-hot
+    # r in the teacher: the reward model's scores (score-reward, the paper's method) or the raw utility labels of
+    # the label stage (no denoising; the pools of the trained splits must be labeled)
+    teacher: Literal["reward_model", "utilities"] = "reward_model"
     useful_quantile: float = Field(0.9, gt=0, le=1)  # teacher scores above this pool quantile are never negatives
     in_batch_negatives: bool = True
     max_query_length: int = Field(64, ge=8)

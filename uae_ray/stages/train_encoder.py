@@ -9,8 +9,10 @@ import logging
 import time
 from dataclasses import asdict
 
+import pyarrow as pa
+
 from uae_ray.config import TrainEncoderConfig
-from uae_ray.data.schema import CANDIDATES, CORPUS, QUERIES, TEACHER_SCORES
+from uae_ray.data.schema import CANDIDATES, CORPUS, QUERIES, TEACHER_SCORES, UTILITIES
 from uae_ray.losses import EncoderLoss
 from uae_ray.runtime import RunDir, ensure_ray
 from uae_ray.training.data import build_encoder_examples
@@ -25,6 +27,20 @@ def report_name(output: str) -> str:
     return f"{output}_report.json"
 
 
+def teacher_table(cfg: TrainEncoderConfig, run_dir: RunDir) -> pa.Table:
+    """(qid, pid, teacher_score) of ``cfg.teacher``: the reward model's scores or the raw utility labels."""
+    if cfg.teacher == "reward_model":
+        if not run_dir.exists(TEACHER_SCORES):
+            raise FileNotFoundError(f"{run_dir.path(TEACHER_SCORES)} not found: loss={cfg.loss} with "
+                                    "teacher=reward_model needs the reward model's scores (run score-reward first)")
+        return run_dir.read_table(TEACHER_SCORES, columns=["qid", "pid", "teacher_score"])
+    if not run_dir.exists(UTILITIES):
+        raise FileNotFoundError(f"{run_dir.path(UTILITIES)} not found: loss={cfg.loss} with teacher=utilities needs "
+                                "the utility labels (run label first)")
+    return run_dir.read_table(UTILITIES, columns=["qid", "pid", "utility"]).rename_columns(
+        ["qid", "pid", "teacher_score"])
+
+
 def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
     out = cfg.output
     if run_dir.dir_complete(out) and run_dir.exists(report_name(out)):
@@ -34,11 +50,7 @@ def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
     candidates = run_dir.read_table(CANDIDATES)
     # the gold-only ablation is the plain supervised baseline: no teacher anywhere (negatives by base similarity)
     needs_teacher = EncoderLoss(cfg.loss) is not EncoderLoss.INFONCE
-    teacher = run_dir.read_table(TEACHER_SCORES) if needs_teacher and run_dir.exists(TEACHER_SCORES) else None
-    if needs_teacher and teacher is None:
-        raise FileNotFoundError(
-            f"{run_dir.path(TEACHER_SCORES)} not found: loss={cfg.loss} needs teacher scores (run score-reward first)"
-        )
+    teacher = teacher_table(cfg, run_dir) if needs_teacher else None
     examples, counts = build_encoder_examples(
         queries, corpus, candidates, teacher, n_hard_negatives=cfg.n_hard_negatives,
         useful_quantile=cfg.useful_quantile, splits=tuple(cfg.splits),
@@ -67,6 +79,7 @@ def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
         "output": out,
         "examples": counts,
         "teacher_scores": teacher is not None,
+        "teacher": cfg.teacher if teacher is not None else None,
         "steps": state["global_step"],
         "resumed_from_step": state["resumed_from"],
         "first_loss": history[0]["loss"] if history else None,
