@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,10 @@ class VLLMScorer:
             **kwargs,
         )
         self.tokens_processed = 0
+
+    def close(self) -> None:
+        """Shut the engine core (its process and sockets) down now, not from the interpreter's exit hooks."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def skip_reason(self, item: ScoreItem) -> str | None:
         return self.encoder.skip_reason(item)
@@ -156,8 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         "scores": scores, "load_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 3),
         "tokens": scorer.tokens_processed,
     }))
+    scorer.close()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    # The results are written and the engine is shut down. Skip the interpreter's teardown: once in CI it aborted
+    # there ("terminate called without an active exception", SIGABRT, from a C++ thread of vLLM/torch still
+    # joinable at exit) after a complete run, turning a correct result into a failed command.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
