@@ -78,8 +78,7 @@ def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
         "loss": cfg.loss,
         "output": out,
         "examples": counts,
-        "teacher_scores": teacher is not None,
-        "teacher": cfg.teacher if teacher is not None else None,
+        "teacher": cfg.teacher if teacher is not None else None,  # None: the gold-only ablation
         "steps": state["global_step"],
         "resumed_from_step": state["resumed_from"],
         "first_loss": history[0]["loss"] if history else None,
