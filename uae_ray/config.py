@@ -227,9 +227,9 @@ class TrainEncoderConfig(StageConfig):
     epochs: int = Field(2, ge=1)
     lr: float = Field(2e-5, gt=0)
     queries_per_step: int = Field(8, ge=1)  # per worker
-    # recompute activations in backward: ~45% of the memory for ~40% more time (MiniLM, 72 sequences of 256 tokens:
-    # peak 8.5 -> 3.8 GB); for long passages or large groups that do not fit, where fewer queries per step would
-    # also shrink the in-batch negatives
+    # recompute activations in backward: half the memory for ~40% more time (MiniLM, 72 sequences of 256 tokens:
+    # peak 8.2 -> 4.1 GB, bench/bench_train_memory.py); for long passages or large groups that do not fit, where
+    # fewer queries per step would also shrink the in-batch negatives
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
     splits: list[Literal["train", "dev", "test"]] = Field(default_factory=lambda: ["train"])  # queries trained on
