@@ -27,12 +27,21 @@ log = logging.getLogger("uae_ray")
 
 SUCCESS_MARKER = "_SUCCESS"
 
-#: Environment every Ray worker gets: offline hub (the embedded models need none) and quiet tokenizers.
-WORKER_ENV_VARS = {
-    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
-}
+#: Variables handed on to Ray workers when the driver has them. Object-store *locations* travel (endpoint, region),
+#: credentials never do: every node takes those from its own environment (instance profile, IRSA, a Secret).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def worker_env_vars() -> dict[str, str]:
+    """Environment every Ray worker gets: offline hub (the embedded models need none), quiet tokenizers, and the
+    object-store location variables of :data:`FORWARDED_ENV` that the driver has."""
+    env = {
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+    }
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
+    return env
 
 
 _TEMP = ".tmp-"  # every local write goes to ".<name>.tmp-<id>" beside its target, then is renamed into place
@@ -240,7 +249,11 @@ class RunDir:
 
 # ------------------------------------------------------------------------------------------------------------- Ray
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Start a local Ray cluster sized to this machine (``address`` None) or connect to one (``auto``, ``ray://``).
+    """Connect to a running Ray cluster, or start a local one sized to this machine.
+
+    Which one: ``address`` (``auto``, ``host:port``, ``ray://``) if given, else ``RAY_ADDRESS`` if set (the Job API
+    sets it in a job's driver), else a new local cluster with ``num_cpus`` (default: all cores). A running cluster
+    is never asked for ``num_cpus``: its nodes say what they have, so passing one there is an error.
 
     The runtime environment sets the worker env vars; a ``ray://`` client also ships the ``uae_ray`` package so
     workers import the same code as the driver (``ray job submit --working-dir .`` does this for jobs).
@@ -249,7 +262,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 
     if ray.is_initialized():
         return
-    runtime_env: dict[str, Any] = {"env_vars": dict(WORKER_ENV_VARS)}
+    runtime_env: dict[str, Any] = {"env_vars": worker_env_vars()}
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
@@ -259,6 +273,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
             log_to_driver=True,
         )
         return
+    if num_cpus is not None:
+        raise ValueError(f"--num-cpus sizes a new local cluster; this run connects to the cluster at {address!r}, "
+                         "whose nodes declare their own CPUs: drop --num-cpus")
     if address.startswith("ray://"):
         import uae_ray
 
