@@ -112,12 +112,33 @@ class ActorPool(StageConfig):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1)
+    # custom Ray resources every actor asks for, e.g. {label_node: 1} to keep the pool on the nodes that declare it
+    # (`ray start --resources='{"label_node": 8}'`, a launcher node type's `resources`); the autoscaler adds such
+    # nodes when actors wait for them
+    resources: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> ActorPool:
         if self.max_size < self.min_size:
             raise ValueError("max_size must be >= min_size")
+        bad = [k for k, v in self.resources.items() if k in ("CPU", "GPU", "memory") or v < 0]
+        if bad:
+            raise ValueError(f"resources: {bad}: custom resources only (CPU/GPU are num_cpus/num_gpus), each >= 0")
         return self
+
+    def map_batches_args(self) -> dict[str, Any]:
+        """``Dataset.map_batches`` arguments that place this pool: the autoscaling actor pool and each actor's
+        CPUs, GPUs and custom resources (the batch size is the stage's to choose)."""
+        import ray
+
+        args: dict[str, Any] = {
+            "compute": ray.data.ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size),
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+        }
+        if self.resources:
+            args["resources"] = dict(self.resources)
+        return args
 
 
 class MineConfig(StageConfig):
@@ -167,6 +188,10 @@ class TrainScaling(StageConfig):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    # custom Ray resources per worker (e.g. {train_node: 1}) and how workers are placed: SPREAD puts DDP workers on
+    # different nodes where it can, STRICT_SPREAD must (Ray placement-group strategies)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class TrainRewardConfig(StageConfig):

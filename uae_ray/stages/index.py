@@ -42,10 +42,8 @@ def encode_corpus(corpus: pa.Table, encoder: str, pool: ActorPool, run_dir: str 
     ds = ray.data.from_arrow(table, override_num_blocks=blocks).map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"encoder": encoder, "run_dir": run_dir},
-        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        **pool.map_batches_args(),
         batch_size=pool.batch_size,
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus,
     )
     rows: list[np.ndarray] = []
     embs: list[np.ndarray] = []

@@ -122,9 +122,7 @@ def _map_on_actor_pool(table: pa.Table, udf: type, cfg: LabelConfig, n_blocks: i
     return ray.data.from_arrow(split_blocks(table, n_blocks)).map_batches(
         udf,
         fn_constructor_kwargs={"cfg": cfg, "generator": cfg.generator, "prompt_version": version},
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.pool.min_size, max_size=cfg.pool.max_size),
-        num_cpus=cfg.pool.num_cpus,
-        num_gpus=cfg.pool.num_gpus,
+        **cfg.pool.map_batches_args(),
         batch_size=cfg.rows_per_batch,
         batch_format="pyarrow",
     )

@@ -41,9 +41,7 @@ def encode_texts(ids: list[str], texts: list[str], cfg: MineConfig, what: str) -
     out = ds.map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"encoder": cfg.encoder},
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.pool.min_size, max_size=cfg.pool.max_size),
-        num_cpus=cfg.pool.num_cpus,
-        num_gpus=cfg.pool.num_gpus,
+        **cfg.pool.map_batches_args(),
         batch_size=cfg.pool.batch_size,
     )
     pos = {k: i for i, k in enumerate(ids)}

@@ -63,10 +63,8 @@ def run(cfg: ScoreRewardConfig, run_dir: RunDir) -> dict:
         RewardScoreBatch,
         fn_constructor_kwargs={"model_path": f"run:{REWARD_MODEL}", "run_dir": run_dir.uri,
                                "max_length": cfg.max_length},  # fetched on each actor's node
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.pool.min_size, max_size=cfg.pool.max_size),
+        **cfg.pool.map_batches_args(),
         batch_size=cfg.pool.batch_size,
-        num_cpus=cfg.pool.num_cpus,
-        num_gpus=cfg.pool.num_gpus,
     )
     refs = ds.select_columns(["qid", "pid", "teacher_score"]).to_arrow_refs()
     out = pa.concat_tables(ray.get(refs)) if refs else TEACHER_SCORES_SCHEMA.empty_table()

@@ -283,14 +283,15 @@ def make_trainer(
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    resources = {"CPU": scaling.cpus_per_worker}
+    resources = {**scaling.resources_per_worker, "CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=name, storage_path=checkpoint_storage(run_dir), checkpoint_config=CheckpointConfig(num_to_keep=2)
