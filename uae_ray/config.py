@@ -275,6 +275,7 @@ class IndexConfig(StageConfig):
     ef_search: int | None = Field(None, ge=1)  # HNSW efSearch (default 64); in the manifest
     use_gpu: bool | Literal["auto"] = "auto"  # auto: faiss-gpu when faiss sees a GPU (HNSW always builds on CPU)
     pool: ActorPool = ActorPool(batch_size=64)
+    keep_versions: int = Field(3, ge=1)  # index/<version>/ dirs kept (newest; the one CURRENT names never deleted)
 
     @field_validator("factory")
     @classmethod
