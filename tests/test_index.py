@@ -225,8 +225,8 @@ def test_index_stage_encodes_builds_and_skips_when_current(tmp_path, ray_session
 
 def _publish(rd: RunDir, x: np.ndarray, pids: list[str], tag: str, keep: int = 3) -> str:
     def build(out, version):
-        return build_sharded_index(x, pids, "Flat", 2, out, extra={"version": version},
-                                   passages=pa.table({"doc_id": [tag] * len(pids), "text": [f"{tag} {p}" for p in pids]}))
+        passages = pa.table({"doc_id": [tag] * len(pids), "text": [f"{tag} {p}" for p in pids]})
+        return build_sharded_index(x, pids, "Flat", 2, out, extra={"version": version}, passages=passages)
 
     return publish(rd, INDEX, {"tag": tag}, build, keep_versions=keep)[0]
 
