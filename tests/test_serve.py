@@ -285,8 +285,10 @@ def test_chunked_oversized_body_gets_a_fast_413_with_flat_memory(client):
     print(f"chunked 300 MB body: status {status} after {sent / 2**20:.1f} MB sent, {seconds:.2f} s; RSS growth MB "
           f"{growth_mb}")
     assert status == 413
-    assert seconds < 10 and sent < 64 * 2**20, (seconds, sent)
-    assert all(g < 64 for g in growth_mb.values()), growth_mb
+    # what arrives before the 413 is buffered by Serve's HTTP proxy (measured: 21 MB sent, proxy +34 MB, ingress
+    # +8 MB, 0.06 s); the bound is what a slow 413 could let in, far below the 300 MB the old code read whole
+    assert seconds < 10 and sent < 150 * 2**20, (seconds, sent)
+    assert all(g < 128 for g in growth_mb.values()), growth_mb
     assert client.post("/search", json={"query": "ocean", "k": 1}).status_code == 200  # the service is fine
 
 
@@ -399,6 +401,7 @@ def _check_answers(rd: RunDir, answers: list[tuple[str, list[dict]]]) -> Counter
     return Counter(v for v, _ in answers)
 
 
+@pytest.mark.slow
 def test_index_rebuilt_in_place_then_restarts_scaling_and_rollout_never_mix_versions(client, run):
     """The app pins v1. Under a request loop: publish v2 into the same run dir (new corpus.parquet, new ids -> pids),
     kill a shard replica (its replacement starts after the rebuild), scale the shards 2 -> 3 replicas: every answer is
@@ -436,6 +439,7 @@ def test_index_rebuilt_in_place_then_restarts_scaling_and_rollout_never_mix_vers
     assert all(h["pid"].startswith("v2-") and "[v2" in h["text"] for h in hits)
 
 
+@pytest.mark.slow
 def test_a_request_over_request_timeout_s_gets_504(client, run):
     from ray import serve
 
@@ -492,6 +496,7 @@ def test_without_a_token_only_loopback_clients_are_answered():
 
 
 # ------------------------------------------------------------------------------------------------- uae-ray serve
+@pytest.mark.slow
 def test_uae_ray_serve_with_defaults_starts_on_two_cpus_and_answers(tmp_path):
     """`uae-ray serve` as the README runs it, on a 2-CPU local cluster: its default replicas (1 + 2 x 0.5 + 0.25 CPUs)
     used to wait forever for 2.25 CPUs; they are fitted to the cluster now."""
