@@ -551,3 +551,36 @@ def test_replica_cpu_requests_are_fitted_to_the_cluster():
     assert 2 * three["encoder_num_cpus"] + 12 * three["shard_num_cpus"] + three["ingress_num_cpus"] <= 2.0
     with pytest.raises(ValueError, match="no CPUs"):
         fit_cpus(ServeConfig(), 2, 0.0)
+
+
+def test_a_replica_that_did_not_load_the_pinned_version_fails_its_health_check(tmp_path):
+    """A version directory restored under another version's name: build_app refuses it, and a replica pinned to
+    that name loads it but reports unhealthy (Serve then replaces it) instead of serving another version's ids."""
+    import shutil
+
+    import faiss
+
+    from serve.app import IndexShard, build_app
+    from uae_ray.index.versions import CURRENT, new_version
+
+    rd = RunDir(tmp_path / "run")
+    x = np.random.default_rng(0).standard_normal((20, 384)).astype(np.float32)
+    faiss.normalize_L2(x)
+    pids = [f"p{i}" for i in range(20)]
+
+    def build(out, version):
+        return build_sharded_index(x, pids, "Flat", 2, out, encoder="all-minilm-l6-v2", extra={"version": version},
+                                   passages=pa.table({"doc_id": ["d"] * 20, "text": [f"t{i}" for i in range(20)]}))
+
+    good = publish(rd, INDEX, {"n": 20}, build)[0]
+    shard = IndexShard.func_or_class(rd.uri, INDEX, good, 0, True)  # the class itself, no Ray needed
+    shard.check_health()
+    assert shard.search(x[:1], 2)[3] == good
+    other = new_version({"n": 21})
+    shutil.copytree(rd.local_path(INDEX) / good, rd.local_path(INDEX) / other)
+    rd.write_json(f"{INDEX}/{CURRENT}", {"version": other})
+    with pytest.raises(ValueError, match="names version"):
+        build_app({"run_dir": rd.uri})
+    wrong = IndexShard.func_or_class(rd.uri, INDEX, other, 0, True)
+    with pytest.raises(RuntimeError, match="loaded index version"):
+        wrong.check_health()
