@@ -234,7 +234,7 @@ def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str]
             block["rankgpt_parse"] = dict(rg.reranker.parse_counts)
         settings[setting] = block
     report: dict[str, Any] = {
-        "dataset": {"run_dir": run_dir.uri, "queries": n_queries, "passages": len(corpus.pids),
+        "dataset": {"run_dir": run_dir.display, "queries": n_queries, "passages": len(corpus.pids),
                     "documents": len(corpus.doc_rows)},
         "split": cfg.split, "open_scope": scope, "ks": cfg.ks, "exp_util_ks": cfg.exp_util_ks,
         "generation_columns": gen_cols, "models": {**built.models, "base": cfg.base_encoder},
