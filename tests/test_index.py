@@ -280,3 +280,20 @@ def test_missing_or_bad_pointer_is_a_clear_error(tmp_path, data):
     with pytest.raises(IndexVersionError, match="not valid JSON"):
         current_version(rd, INDEX)
     assert ShardedIndex.load(rd.local_path(INDEX) / v).version == v
+
+
+def test_index_versions_on_an_object_store(s3_run_uri, data):
+    """On S3 (moto): versions, the pointer, fetch of one version, pruning, and ShardedIndex over a fetched version."""
+    from uae_ray.index.versions import fetch_index, has_index, prune
+
+    x, pids, queries = data
+    rd = RunDir(s3_run_uri)
+    assert not has_index(rd, INDEX)
+    v1 = _publish(rd, x[:500], pids[:500], "one")
+    v2 = _publish(rd, x[500:1000], pids[500:1000], "two")
+    assert has_index(rd, INDEX) and current_version(rd, INDEX) == v2 and list_versions(rd, INDEX) == [v1, v2]
+    version, local = fetch_index(rd, INDEX, v1)  # a pinned older version, fetched whole and verified
+    assert version == v1 and ShardedIndex.load(local).version == v1
+    assert ShardedIndex.load(local).search(queries[:2], 3)[1][0][0] in pids[:500]
+    v3 = _publish(rd, x[:50], pids[:50], "three", keep=2)
+    assert list_versions(rd, INDEX) == [v2, v3] and prune(rd, INDEX, 2) == []

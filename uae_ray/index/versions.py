@@ -33,7 +33,8 @@ log = logging.getLogger("uae_ray.index")
 
 CURRENT = "CURRENT"
 _VERSION = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{10}$")
-_LEGACY_FILES = re.compile(r"^(?:manifest\.json|ids\.parquet|passages\.parquet|shard-\d+\.faiss)$")
+# what an index of the old flat layout left in index/ itself (files; on object stores, its committed v-<id>/ dirs)
+_LEGACY_FILES = re.compile(r"^(?:manifest\.json|ids\.parquet|passages\.parquet|shard-\d+\.faiss|v-[^/]+)$")
 
 
 class IndexVersionError(FileNotFoundError):
