@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from _ray_nodes import LocalCluster, ray_cli, start_head, submit_job, wait_for_job
@@ -20,8 +19,10 @@ SMALL = "configs/demo-small.yaml"
 
 
 @pytest.fixture
-def two_node_cluster() -> Iterator[LocalCluster]:
-    """Head (2 CPUs) + one worker node (2 CPUs), each its own `ray start --block` with its own ports."""
+def two_node_cluster(s3_endpoint: str) -> Iterator[LocalCluster]:
+    """Head (2 CPUs) + one worker node (2 CPUs), each its own `ray start --block` with its own ports. Started after
+    the S3 endpoint: the nodes take AWS_ENDPOINT_URL and the test credentials from their environment, as real nodes
+    take theirs."""
     import ray
 
     ray.shutdown()  # a session-wide local cluster must not be connected while this one runs
@@ -43,10 +44,10 @@ def uploaded_files(cluster: LocalCluster) -> dict[str, int]:
     return {p.relative_to(pkgs[0]).as_posix(): p.stat().st_size for p in pkgs[0].rglob("*") if p.is_file()}
 
 
-def test_demo_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster: LocalCluster, tmp_path: Path):
+def test_demo_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster: LocalCluster, s3_run_uri: str):
     cluster = two_node_cluster
-    run = tmp_path / "run"
-    entry = ["python", "jobs/pipeline.py", "--config", SMALL, "--run-dir", str(run)]
+    run = s3_run_uri  # every node reaches it: the run dir a real cluster uses
+    entry = ["python", "jobs/pipeline.py", "--config", SMALL, "--run-dir", run]
     t0 = time.monotonic()
     out = submit_job(cluster, "uae-demo-small", entry)
     assert "Uploading package gcs://_ray_pkg_" in out
@@ -62,7 +63,7 @@ def test_demo_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster: LocalCluster,
     assert not banned, banned[:10]
     assert sum(files.values()) < 2_000_000, f"{sum(files.values())} bytes uploaded"
 
-    # the job wrote every stage's output to the run dir; the report is the pipeline's
+    # the job wrote every stage's output to the S3 run dir; the report is the pipeline's
     rd = RunDir(run)
     report = rd.read_json(S.EVAL + "/report.json")
     systems = report["settings"]["pool"]["systems"]
