@@ -129,7 +129,7 @@ def trained_reward_run(ray_session, tmp_path_factory):
 def test_train_reward_two_workers_lowers_loss_and_writes_model(trained_reward_run):
     from uae_ray.models.reward import load_reward_model, score_pairs
 
-    rd, cfg, summary = trained_reward_run
+    rd, _, summary = trained_reward_run
     assert rd.dir_complete(schema.REWARD_MODEL)
     train_log = json.loads((rd.local_path(schema.REWARD_MODEL) / "training.json").read_text())["state"]
     means = _epoch_means(train_log["history"])
@@ -144,10 +144,6 @@ def test_train_reward_two_workers_lowers_loss_and_writes_model(trained_reward_ru
                     ["The Zorblat is a rare creature whose feathers are blue in every season.",
                      "Scientists catalogued the Quimble in the year 1807 after a long expedition."], max_length=48)
     assert s.shape == (2,) and np.isfinite(s).all()
-    # a rerun is a no-op
-    from uae_ray.stages import train_reward
-
-    assert "skipped" in train_reward.run(cfg, rd)
 
 
 @pytest.mark.slow
@@ -167,7 +163,6 @@ def test_score_reward_scores_every_candidate(trained_reward_run):
     t = {r["pid"]: r["text"] for r in rd.read_table(schema.CORPUS).to_pylist()}[row["pid"]]
     model, tok = load_reward_model(str(rd.local_path(schema.REWARD_MODEL)))
     assert score_pairs(model, tok, [q], [t], max_length=48)[0] == pytest.approx(row["teacher_score"], abs=1e-4)
-    assert "skipped" in score_reward.run(ScoreRewardConfig(max_length=48), rd)
 
 
 def _encoder_cfg(**kw) -> TrainEncoderConfig:
