@@ -51,13 +51,14 @@ def _output_name(value: str) -> str:
     """A configured output name: inside the run directory and none of the names the stages write (see
     :mod:`uae_ray.data.schema`)."""
     from uae_ray.data import schema as S
+    from uae_ray.storage import LEASE_FILE
 
     problem = run_dir_name_problem(value)
     if problem:
         raise ValueError(f"output {value!r} {problem}")
     reserved = {S.CORPUS, S.QUERIES, S.PREPARE_REPORT, S.CANDIDATES, S.MINE_REPORT, S.UTILITIES, S.LABEL_REPORT,
                 S.LABEL_SKIPPED, S.LABEL_BASELINE, S.REWARD_MODEL, S.REWARD_REPORT, S.TEACHER_SCORES, S.CHECKPOINTS,
-                S.INDEX, S.EVAL, "pipeline"}
+                S.INDEX, S.EVAL, "pipeline", LEASE_FILE}
     if value.split("/")[0] in reserved:
         raise ValueError(f"output {value!r} would overwrite the run directory's {value.split('/')[0]!r}")
     return value
