@@ -20,7 +20,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from uae_ray.config import ConfigError, InputSpec, load_pipeline_config, load_stage_config, read_config_file
+from uae_ray.config import (
+    ConfigError,
+    InputSpec,
+    load_pipeline_config,
+    load_stage_config,
+    read_config_file,
+    storage_config,
+)
 from uae_ray.stages.registry import STAGES, STEPS, Stage, with_label
 
 EXIT_USER_ERROR = 2
@@ -127,7 +134,7 @@ def check_inputs(stage: Stage, cfg: Any, run_dir: Any) -> None:
     missing = missing_inputs(stage, cfg, run_dir)
     if missing:
         what = ", ".join(f"{m} (written by `uae-ray {_writer_of(m)}`)" for m in missing)
-        raise MissingInputError(f"{run_dir.uri} lacks {what}: run that first")
+        raise MissingInputError(f"{run_dir.display} lacks {what}: run that first")
 
 
 def _user_error_kind(e: BaseException) -> str | None:
@@ -172,10 +179,11 @@ def _connect(address: str | None, num_cpus: int | None) -> Any:
 
 
 def _execute(args: argparse.Namespace, cfg: Any, run_dir: str, address: str | None) -> Any:
-    from uae_ray.runtime import RunDir
+    from uae_ray.runtime import RunDir, StorageOptions
     from uae_ray.stages import pipeline
 
-    rd = RunDir(run_dir)
+    storage = storage_config(args.config)
+    rd = RunDir(run_dir, StorageOptions(**storage.model_dump()))
     before = _connect(address, args.num_cpus)
     if args.stage == "run":
         with rd.lease(take_over=args.take_over_lease, command="uae-ray run"):
@@ -183,8 +191,11 @@ def _execute(args: argparse.Namespace, cfg: Any, run_dir: str, address: str | No
     stage = STAGES[args.stage]
     check_inputs(stage, cfg, rd)
     if not stage.writes:  # serve: reads the run directory, holds no lease, leaves no marker
+        module = importlib.import_module(f"uae_ray.stages.{stage.module}")
+        if hasattr(module, "preflight"):  # refusals that need no cluster come before Ray starts
+            module.preflight(cfg)
         before(stage)
-        return importlib.import_module(f"uae_ray.stages.{stage.module}").run(cfg, rd)
+        return module.run(cfg, rd)
     with rd.lease(take_over=args.take_over_lease, command=f"uae-ray {stage.name}"):
         return pipeline.run_stage(stage.name, cfg, rd, force=args.force, before_run=before)["summary"]
 

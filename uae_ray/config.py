@@ -384,6 +384,36 @@ class ServeConfig(StageConfig):
     request_timeout_s: float = Field(30.0, gt=0)  # per request; a 504 when exceeded
 
 
+# --------------------------------------------------------------------------------------------------------- storage
+class StorageConfig(StageConfig):
+    """Where an ``s3://`` run directory lives (the config file's top-level ``storage`` section). No credentials here,
+    ever: each node takes them from its own environment. Unset fields fall back to ``AWS_ENDPOINT_URL`` /
+    ``AWS_REGION``."""
+
+    endpoint_url: str | None = None  # http(s)://host:port of MinIO, Ceph RGW, ...; None: AWS_ENDPOINT_URL or AWS
+    region: str | None = None
+    path_style: bool = True  # host/bucket/key addressing (MinIO, most on-premise stores); False: bucket.host/key
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint_url must start with http:// or https://, got {v!r}")
+        return v
+
+
+#: top-level keys of a config file that are not stage sections
+RUN_SETTINGS = ("run_dir", "address", "num_cpus", "storage")
+
+
+def storage_config(config_file: str | Path | None) -> StorageConfig:
+    """The ``storage`` section of ``config_file`` (defaults when absent), validated."""
+    section = read_config_file(config_file).get("storage") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{config_file}: section 'storage' must be a mapping")
+    return build_config(StorageConfig, section, source=f"{config_file} [storage]")
+
+
 # --------------------------------------------------------------------------------------------------------- loading
 def read_config_file(path: str | Path | None) -> dict[str, Any]:
     """The YAML file as a dict ({} when no file). Errors name the file."""
@@ -463,7 +493,7 @@ def load_pipeline_config(config_file: str | Path, overrides: list[str] | None = 
     from uae_ray.stages.registry import PipelineConfig
 
     data = read_config_file(config_file)
-    data = {k: v for k, v in data.items() if k not in ("run_dir", "address", "num_cpus")}
+    data = {k: v for k, v in data.items() if k not in RUN_SETTINGS}
     return build_config(PipelineConfig, data, source=str(config_file), overrides=overrides)
 
 

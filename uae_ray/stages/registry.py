@@ -102,7 +102,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           inputs=lambda c: (f"{S.REWARD_MODEL}/", S.CANDIDATES, S.QUERIES, S.CORPUS),
           outputs=lambda c: (S.TEACHER_SCORES, "score_reward_report.json")),
     Stage("train-encoder", "train_encoder", TrainEncoderConfig, inputs=_encoder_inputs, outputs=_encoder_outputs),
-    Stage("index", "index", IndexConfig, inputs=_index_inputs, outputs=lambda c: (f"{S.INDEX}/",)),
+    # index versions are immutable and the stage publishes a new one (pruning the oldest past keep_versions): a
+    # stale index step never removes the version an app may still be serving
+    Stage("index", "index", IndexConfig, inputs=_index_inputs, outputs=lambda c: (f"{S.INDEX}/",),
+          keep=(f"{S.INDEX}/",)),
     Stage("evaluate", "evaluate", EvaluateConfig, inputs=lambda c: (S.CORPUS, S.QUERIES),
           outputs=lambda c: (S.EVAL,)),
     Stage("serve", "serve", ServeConfig, inputs=lambda c: (f"{S.INDEX}/",), outputs=lambda c: (), writes=False),
