@@ -155,3 +155,50 @@ def test_standalone_train_encoder_current_stale_forced_and_foreign_checkpoints(r
                                            n_hard_negatives=1, epochs=1, lr=3e-4, scaling={"num_workers": 1})
     summary = train_encoder.run(cfg, rd)
     assert summary["steps"] == steps and summary["resumed_from_step"] == []  # (it logs "... not resumed")
+
+
+def _cli_env(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "uae_ray.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_serve_refusals_are_one_line_before_ray_starts(tmp_path: Path):
+    from uae_ray.index.versions import publish
+    from uae_ray.runtime import RunDir
+
+    rd = RunDir(tmp_path / "run")
+
+    def build(out: Path, version: str) -> dict:
+        (out / "manifest.json").write_text(json.dumps({"version": version, "num_shards": 1}))
+        return {"version": version, "num_shards": 1}
+
+    publish(rd, schema.INDEX, {"t": 1}, build)  # an index exists: the input check passes, the refusal is what fails
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("UAE_RAY_TOKEN", None)
+    _one_line_error(_cli_env(env, "serve", "--run-dir", rd.uri, "--address", NO_RAY, "--set", "host=0.0.0.0"),
+                    "serve", "config error", "refusing to serve on host '0.0.0.0' without a bearer token")
+    _one_line_error(_cli_env({**env, "UAE_RAY_TOKEN": ""}, "serve", "--run-dir", rd.uri, "--address", NO_RAY),
+                    "serve", "config error", "UAE_RAY_TOKEN is set but empty")
+
+
+def test_config_storage_section_reaches_an_s3_run_dir(s3_endpoint, s3_run_uri, tmp_path: Path):
+    """The endpoint comes from the config file alone (no AWS_ENDPOINT_URL in the command's environment)."""
+    from uae_ray.runtime import RunDir
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"storage:\n  endpoint_url: {s3_endpoint}\n  path_style: true\n"
+                   "prepare:\n  format: jsonl\n  max_docs_per_split: 2\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = _cli_env(env, "prepare", "--config", str(cfg), "--run-dir", s3_run_uri,
+                    "--input", str(ROOT / "uae_ray" / "assets" / "demo.jsonl"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rd = RunDir(s3_run_uri)  # this process has AWS_ENDPOINT_URL: the same store
+    assert rd.read_table(schema.QUERIES).num_rows > 0 and rd.exists("pipeline/prepare.json")
+    assert not rd.exists("_lease.json")  # the command held the lease and released it
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("storage:\n  endpoint_url: minio:9000\nprepare:\n  format: jsonl\n")
+    _one_line_error(_cli_env(env, "prepare", "--config", str(bad), "--run-dir", s3_run_uri, "--input",
+                             str(ROOT / "uae_ray" / "assets" / "demo.jsonl")), "prepare", "config error",
+                    "endpoint_url must start with http")

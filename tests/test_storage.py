@@ -203,23 +203,25 @@ def test_a_writer_whose_lease_was_taken_over_is_fenced(s3_run_uri):
     assert not a.exists("utilities/part-000009.parquet") and b.read_json("from_b.json") == {"n": 2}
 
 
-def test_temp_cleanup_touches_only_finished_writers_temps(tmp_path):
+def test_temp_cleanup_never_touches_this_writers_temps_and_others_only_when_safe(tmp_path):
     rd = RunDir(tmp_path)
     rd.write_table("parts/part-000000.parquet", pa.table({"x": [1]}))
     d = tmp_path / "parts"
     host = socket.gethostname()[:12]
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (d / f".part-000001.parquet.tmp-{host}-{dead.stdout.strip()}-0123abcd").write_bytes(b"killed writer's")
-    (d / ".part-000002.parquet.tmp-0a1b2c3d4e5f-99aa00bb").write_bytes(b"a live writer on another node")
+    live = ".part-000002.parquet.tmp-0a1b2c3d4e5f-99aa00bb"
+    (d / live).write_bytes(b"a writer on another node, seconds ago")
     old = d / ".part-000003.parquet.tmp-ffeeddccbbaa-77aa00bb"
     old.write_bytes(b"silent for two minutes")
     os.utime(old, (time.time() - 120, time.time() - 120))
+    assert rd.remove_stale_temps("parts") == 2  # no lease here: the live writer's fresh temp stays
+    assert sorted(os.listdir(d)) == [live, "part-000000.parquet"]
     with rd.lease():
-        (d / f".part-000004.parquet.tmp-{rd.active_lease.token[:12]}-0000aaaa").write_bytes(b"mine, in flight")
-        assert rd.remove_stale_temps("parts") == 2
-        assert sorted(os.listdir(d)) == [".part-000002.parquet.tmp-0a1b2c3d4e5f-99aa00bb",
-                                         f".part-000004.parquet.tmp-{rd.active_lease.token[:12]}-0000aaaa",
-                                         "part-000000.parquet"]
+        mine = f".part-000004.parquet.tmp-{rd.active_lease.token[:12]}-0000aaaa"
+        (d / mine).write_bytes(b"mine, in flight")
+        assert rd.remove_stale_temps("parts") == 1  # under the lease nobody else may write: theirs go, mine stays
+        assert sorted(os.listdir(d)) == [mine, "part-000000.parquet"]
     assert rd.read_table("parts").num_rows == 1  # readers skip dot files
 
 

@@ -28,6 +28,7 @@ from uae_ray.config import (
     read_config_file,
     storage_config,
 )
+from uae_ray.data import schema
 from uae_ray.stages.registry import STAGES, STEPS, Stage, with_label
 
 EXIT_USER_ERROR = 2
@@ -115,7 +116,12 @@ def missing_inputs(stage: Stage, cfg: Any, run_dir: Any) -> list[str]:
     """The run-dir entries ``stage`` reads that are absent (a name ending in ``/`` needs its ``_SUCCESS``)."""
     missing = []
     for name in stage.inputs(cfg):
-        ok = run_dir.dir_complete(name.rstrip("/")) if name.endswith("/") else run_dir.exists(name)
+        if name == f"{schema.INDEX}/":  # versioned: complete when index/CURRENT names a committed version
+            from uae_ray.index.versions import has_index
+
+            ok = has_index(run_dir, schema.INDEX)
+        else:
+            ok = run_dir.dir_complete(name.rstrip("/")) if name.endswith("/") else run_dir.exists(name)
         if not ok:
             missing.append(name.rstrip("/"))
     return missing

@@ -57,6 +57,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         ray.init(
+            address="local",  # a new cluster: never attach to another `ray start` on this machine by accident
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             runtime_env=runtime_env,

@@ -23,8 +23,8 @@ a config or a log: pyarrow's S3 client takes them from each node's own environme
   until the new one is committed.
 - *A writer*: :meth:`RunDir.lease` grants one writer at a time (conditional create on local disk, a heartbeat object
   on object stores, which have no conditional create through pyarrow); a second writer is refused with a message
-  naming the holder. Temp files carry their writer's id, and stale-temp cleanup only removes other writers' temps
-  older than the lease timeout.
+  naming the holder. Temp files carry their writer's id: stale-temp clean-up never touches this writer's own, and
+  removes other writers' only under the lease (or once older than the lease timeout, or their process is gone).
 """
 
 from __future__ import annotations
@@ -450,18 +450,20 @@ class RunDir:
 
     # ---------------------------------------------------------------- clean-up
     def remove_stale_temps(self, name: str) -> int:
-        """Remove the temp files and scratch directories that *other*, finished writers left in directory ``name``
-        (a write goes to a fresh ``.<file>.tmp-<writer>-<id>`` and is renamed, so a temp that outlives its writer is
-        never output). Only temps of another writer id and older than the lease timeout are touched: a live
-        writer's in-flight temp lives seconds, and this writer's own are its own business. Returns the count."""
+        """Remove the temp files and scratch directories that *other* writers left in directory ``name`` (a write
+        goes to a fresh ``.<file>.tmp-<writer>-<id>`` and is renamed, so a temp that outlives its writer is never
+        output). This writer's own temps are never touched. Another writer's are removed when this RunDir holds the
+        lease (no other writer may write now: a fenced one's late rename simply fails), else only when they are
+        older than the lease timeout or their process (this host) is gone. Returns how many were removed."""
         me, now, stale = writer_id(), time.time(), 0
+        leased = self.active_lease is not None
         for n in self.listdir(name):
             who = _temp_writer(n)
             if who is None or who == me:
                 continue
             info = self.fs.get_file_info(self.path(f"{name}/{n}"))
             mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
-            if now - mtime >= LEASE_TIMEOUT_S or self._writer_dead(who):
+            if leased or now - mtime >= LEASE_TIMEOUT_S or self._writer_dead(who):
                 self.remove(f"{name}/{n}")
                 stale += 1
         return stale
