@@ -157,3 +157,17 @@ def test_settings_that_do_not_change_numbers_relabel_nothing(labeled_run, tmp_pa
     assert "q0" not in {k[0] for k in _view(rd)}
     r = label.run(moved, rd)
     assert (r["reused"], r["new"]) == (N_PAIRS, 0) and _view(rd) == before
+
+
+@pytest.mark.slow
+def test_an_actor_scoring_under_other_settings_than_the_driver_keyed_refuses(ray_session) -> None:
+    """A worker that resolves ``dtype: auto`` to another dtype than the driver would store wrong keys: it stops."""
+    from uae_ray.labeling.pipeline import BaselineBatch
+    from uae_ray.labeling.prompts import prompt_version_for
+    from uae_ray.stages import label
+
+    queries = pa.table({"qid": ["q"], "question": ["Who wrote Hamlet?"], "answers": [["William Shakespeare"]]})
+    ctx = {"settings": "0" * 32, "version": prompt_version_for(CFG)}  # what a driver on other hardware would key
+    with pytest.raises(ray_session.exceptions.ActorDiedError) as err:  # the actor's constructor raised
+        label._map_on_actor_pool(queries, BaselineBatch, CFG, 1, ctx).take_all()
+    assert "ScorerSettingsError" in str(err.value) and "Set label.dtype explicitly" in str(err.value)
