@@ -86,7 +86,8 @@ def test_label_killed_midway_resumes_exactly_once(tmp_path) -> None:
     assert not rd.exists(UTILITIES)  # the view is written at the end only
     # SIGKILL may land inside a write: its temp file can stay (readers skip dot files); one older than a live
     # writer's is removed by the next run, a fresh one (a concurrent writer's) is left alone
-    stale, fresh = parts_dir / ".part-x-999999.parquet.tmp-deadbeef", parts_dir / ".part-y-000000.parquet.tmp-cafe"
+    stale = parts_dir / ".part-x-999999.parquet.tmp-deadhost0000-1-deadbeef"  # <writer id>-<random>
+    fresh = parts_dir / ".part-y-000000.parquet.tmp-otherhost123-1-cafe0000"
     for temp in (stale, fresh):
         temp.write_bytes(b"PAR1 half a part")  # as a killed write leaves it
     os.utime(stale, (time.time() - 3600, time.time() - 3600))

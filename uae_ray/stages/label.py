@@ -32,7 +32,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from uae_ray.config import LabelConfig
@@ -65,9 +64,6 @@ from uae_ray.runtime import RunDir
 
 log = logging.getLogger("uae_ray")
 _PART = re.compile(r"^part-[A-Za-z0-9-]+\.parquet$")
-_TEMP = ".tmp-"
-#: a temporary part older than this is a killed writer's leftover (a live writer renames its part within seconds)
-STALE_TEMP_AGE_S = 15 * 60
 VIEW_PART = "part-000000.parquet"
 
 
@@ -101,19 +97,6 @@ def first_index(fingerprints: list[str]) -> dict[str, int]:
     for i, fp in enumerate(fingerprints):
         out.setdefault(fp, i)
     return out
-
-
-def remove_old_temps(run_dir: RunDir, name: str, min_age_s: float = STALE_TEMP_AGE_S) -> int:
-    """Remove temporary files a killed writer left in ``name`` (``.<part>.tmp-<id>``) once they are older than
-    ``min_age_s``: a concurrent writer's fresh temp file is left alone. Returns how many were removed."""
-    temps = [n for n in run_dir.listdir(name) if n.startswith(".") and _TEMP in n]
-    now, removed = time.time(), 0
-    for n in temps:
-        info = run_dir.fs.get_file_info(run_dir.path(f"{name}/{n}"))
-        if info.type == pafs.FileType.File and info.mtime is not None and now - info.mtime.timestamp() >= min_age_s:
-            run_dir.remove(f"{name}/{n}")
-            removed += 1
-    return removed
 
 
 def select_pairs(run_dir: RunDir, cfg: LabelConfig) -> tuple[pa.Table, pa.Table]:
@@ -224,9 +207,12 @@ def _label_pending(
 
 
 def _commit_view(run_dir: RunDir, name: str, table: pa.Table) -> None:
-    """Replace directory ``name`` with one part holding ``table``, atomically (``RunDir.staged_dir``)."""
-    with run_dir.staged_dir(name) as scratch:
-        pq.write_table(table, str(scratch / VIEW_PART))
+    """Make directory ``name`` hold exactly one part, ``table``: one atomic object write (a rename locally, one PUT
+    on an object store), then whatever else is there goes (parts of a run dir from before content keys)."""
+    run_dir.write_table(f"{name}/{VIEW_PART}", table)
+    for entry in run_dir.listdir(name):
+        if entry != VIEW_PART and not entry.startswith("."):  # dot files: temps, cleaned by remove_stale_temps
+            run_dir.remove(f"{name}/{entry}")
 
 
 def write_view(run_dir: RunDir, pairs: pa.Table, cache: pa.Table) -> tuple[pa.Table, pa.Table, int]:
@@ -261,8 +247,8 @@ def run(cfg: LabelConfig, run_dir: RunDir) -> dict[str, Any]:
            "dtype": dtype}
     queries, pairs = select_pairs(run_dir, cfg)
     pairs = attach_fingerprints(pairs, queries, aggregate=cfg.answer_aggregate, settings=ctx["settings"])
-    for name in (LABEL_CACHE, LABEL_BASELINE):  # a run killed mid-write (SIGKILL) can leave its temp part behind
-        if removed := remove_old_temps(run_dir, name):
+    for name in (LABEL_CACHE, LABEL_BASELINE, UTILITIES, LABEL_SKIPPED):  # a killed run can leave its temp parts
+        if removed := run_dir.remove_stale_temps(name):
             log.warning("label: removed %d temporary file(s) a killed run left in %s", removed, run_dir.path(name))
     if run_dir.exists(LEGACY_LABEL_BASELINE):
         log.warning("label: %s holds no-passage terms keyed by qid only (before content keys); removed, and labels "
