@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from uae_ray.config import ConfigError, LabelConfig, build_config
-from uae_ray.data.schema import UTILITIES_SCHEMA
+from uae_ray.data.schema import UTILITIES_SCHEMA, UTILITIES_VIEW_SCHEMA
+from uae_ray.labeling.fingerprint import baseline_fingerprint, pair_fingerprint, settings_key
 from uae_ray.labeling.pipeline import aggregate_answers, label_pairs_local, label_pairs_with_skips, usable_answers
 from uae_ray.labeling.prompts import PROMPTS, build_messages, prompt_version_for, system_prompt_for
 from uae_ray.labeling.scorers import SKIP_EMPTY_ANSWER, SKIP_TOO_LONG, HFScorer, ScoreItem
@@ -43,6 +44,34 @@ def test_messages_and_system_prompts() -> None:
     }
     assert len(versions) == 6
     assert prompt_version_for(LabelConfig()).startswith("extractive-v1-max-")
+
+
+def test_settings_key_covers_exactly_the_settings_that_change_numbers() -> None:
+    base = LabelConfig()
+    key = settings_key(base, "float32")
+    changed = {
+        "dtype": settings_key(base, "bfloat16"),
+        "backend": settings_key(LabelConfig(backend="vllm"), "float32"),
+        "max_model_len": settings_key(LabelConfig(max_model_len=512), "float32"),
+        "max_passage_tokens": settings_key(LabelConfig(max_passage_tokens=128), "float32"),
+        "answer_aggregate": settings_key(LabelConfig(answer_aggregate="mean"), "float32"),
+        "prompt": settings_key(LabelConfig(prompt="qasper"), "float32"),
+        "system_prompt": settings_key(LabelConfig(prompt="custom", system_prompt="Be terse."), "float32"),
+        "prompt_version": settings_key(LabelConfig(prompt_version="v2"), "float32"),
+        "generator": settings_key(LabelConfig(generator="other-lm"), "float32"),
+    }
+    assert key not in changed.values() and len(set(changed.values())) == len(changed)
+    same = LabelConfig(pool={"min_size": 2, "max_size": 4, "batch_size": 3, "num_cpus": 2}, rows_per_part=7,
+                       rows_per_batch=5, splits=["train"], enable_prefix_caching=False, gpu_memory_utilization=0.5)
+    assert settings_key(same, "float32") == key
+    with pytest.raises(ValueError, match="resolve 'auto'"):
+        settings_key(base, "auto")
+    # pair keys: content, never positions
+    b = baseline_fingerprint(key, "Who?", ["Ada"])
+    assert b != baseline_fingerprint(key, "Who?", ["Ada", "Lind"]) != baseline_fingerprint(key, "Who? ", ["Ada"])
+    assert pair_fingerprint(b, "text") != pair_fingerprint(b, "text.")
+    assert pair_fingerprint(b, "text") != pair_fingerprint(baseline_fingerprint(changed["dtype"], "Who?", ["Ada"]),
+                                                           "text")
 
 
 def test_label_config_errors_name_the_field() -> None:
@@ -151,11 +180,16 @@ def test_label_pairs_local_schema_skips_and_once_per_answer(scorer32: HFScorer) 
     counting = CountingScorer(scorer32)
     res = label_pairs_with_skips(counting, queries, pairs, aggregate="max", generator=GEN, prompt_version="t")
     out = res.labeled
-    assert out.schema == UTILITIES_SCHEMA
+    assert out.schema == UTILITIES_VIEW_SCHEMA
     assert out.num_rows == 5 and res.skipped.num_rows == 1
-    assert res.skipped.to_pylist()[0] | {} == {
-        "qid": "q3", "pid": "nile", "reason": SKIP_EMPTY_ANSWER, "generator": GEN, "prompt_version": "t"
+    skip = res.skipped.to_pylist()[0]
+    assert skip | {"fingerprint": None} == {
+        "qid": "q3", "pid": "nile", "reason": SKIP_EMPTY_ANSWER, "generator": GEN, "prompt_version": "t",
+        "fingerprint": None,
     }
+    assert skip["fingerprint"] == pair_fingerprint(baseline_fingerprint("", "Anything?", []), RIVER)
+    # q1 and q2 both read "paris": same passage, other question and answers -> other keys
+    assert len(set(out.column("fingerprint").to_pylist())) == 5
     # No-passage term once per (query, usable answer): q1 has 2 answers, q2 one, q3 none.
     assert counting.no_passage == 3
     assert counting.with_passage == 3 * 2 + 2 * 1
@@ -168,6 +202,7 @@ def test_label_pairs_local_schema_skips_and_once_per_answer(scorer32: HFScorer) 
     assert set(d["generator"]) == {GEN} and set(d["prompt_version"]) == {"t"}
     # The public in-process entry point returns the same labeled rows.
     again = label_pairs_local(scorer32, queries, pairs, aggregate="max", generator=GEN, prompt_version="t")
+    assert again.schema == UTILITIES_SCHEMA
     assert again.column("utility").to_pylist() == pytest.approx(d["utility"], abs=1e-6)
 
 

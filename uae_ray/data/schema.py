@@ -10,7 +10,7 @@ QUERIES = "queries.parquet"
 PREPARE_REPORT = "prepare_report.json"
 CANDIDATES = "candidates.parquet"
 MINE_REPORT = "mine_report.json"
-UTILITIES = "utilities"  # a directory of Parquet parts (resumable); read it as one table
+UTILITIES = "utilities"  # a directory of Parquet parts; read it as one table (label: the current view, see below)
 LABEL_REPORT = "label_report.json"
 REWARD_MODEL = "reward_model"
 REWARD_REPORT = "reward_report.json"
@@ -84,9 +84,20 @@ INDEX_IDS_SCHEMA = pa.schema(
     ]
 )
 
-# ------------------------------------------------------------------------------------------- labeling (resumability)
-LABEL_SKIPPED = "utilities_skipped"  # a directory of Parquet parts: pairs that could not be labeled, with the reason
-LABEL_BASELINE = "label_baseline.parquet"  # no-passage log-probs, once per (query, answer)
+# ------------------------------------------------------------------------------------------- labeling (content cache)
+# ``utilities/`` (UTILITIES) and ``utilities_skipped/`` (LABEL_SKIPPED) are the label stage's *current view*: exactly
+# one row per current (qid, pid) pair, rewritten atomically at the end of every label run. The labels themselves live
+# in an append-only cache keyed by content fingerprints (uae_ray.labeling.fingerprint): a row is reused whenever a
+# pair's question, answers, passage text and numeric label settings are the same, whatever its qid/pid.
+LABEL_SKIPPED = "utilities_skipped"  # the current view of pairs that could not be labeled, with the reason
+LABEL_CACHE = "label_cache"  # Parquet parts part-<writer id>-NNNNNN.parquet: labeled and skipped pair fingerprints
+LABEL_BASELINE = "label_baseline"  # Parquet parts: no-passage log-probs, once per baseline fingerprint
+LEGACY_LABEL_BASELINE = "label_baseline.parquet"  # before content keys: keyed by qid only (ignored, removed)
+
+FINGERPRINT_FIELD = pa.field("fingerprint", pa.string(), nullable=False)  # hex hash of what determined the row
+
+#: ``utilities/`` as the label stage writes it: the downstream columns plus each row's pair fingerprint.
+UTILITIES_VIEW_SCHEMA = UTILITIES_SCHEMA.append(FINGERPRINT_FIELD)
 
 LABEL_SKIPPED_SCHEMA = pa.schema(
     [
@@ -95,16 +106,35 @@ LABEL_SKIPPED_SCHEMA = pa.schema(
         pa.field("reason", pa.string(), nullable=False),  # empty_answer | prompt_too_long
         pa.field("generator", pa.string(), nullable=False),
         pa.field("prompt_version", pa.string(), nullable=False),
+        FINGERPRINT_FIELD,
+    ]
+)
+
+LABEL_CACHE_SCHEMA = pa.schema(
+    [
+        FINGERPRINT_FIELD,  # pair fingerprint: settings, question, answers, passage text
+        pa.field("qid", pa.string(), nullable=False),  # the pair it was made for (provenance only: never a key)
+        pa.field("pid", pa.string(), nullable=False),
+        pa.field("logp_with", pa.float32(), nullable=False),  # NaN for a skip
+        pa.field("logp_without", pa.float32(), nullable=False),
+        pa.field("n_answer_tokens", pa.int32(), nullable=False),
+        pa.field("utility", pa.float32(), nullable=False),
+        pa.field("skip_reason", pa.string(), nullable=False),  # "" when labeled
+        pa.field("generator", pa.string(), nullable=False),
+        pa.field("prompt_version", pa.string(), nullable=False),
+        pa.field("settings", pa.string(), nullable=False),  # settings key (part of the fingerprint), for the report
     ]
 )
 
 LABEL_BASELINE_SCHEMA = pa.schema(
     [
-        pa.field("qid", pa.string(), nullable=False),
+        FINGERPRINT_FIELD,  # baseline fingerprint: settings, question, scored answers
+        pa.field("qid", pa.string(), nullable=False),  # the query it was made for (provenance only)
         pa.field("answers", pa.list_(pa.string()), nullable=False),  # the answers scored (empty ones removed)
         pa.field("logp", pa.list_(pa.float32()), nullable=False),  # mean log p(answer_j | q); NaN: too long
         pa.field("n_tokens", pa.list_(pa.int32()), nullable=False),  # answer tokens of answer_j
         pa.field("generator", pa.string(), nullable=False),
         pa.field("prompt_version", pa.string(), nullable=False),
+        pa.field("settings", pa.string(), nullable=False),
     ]
 )

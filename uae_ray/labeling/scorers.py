@@ -49,6 +49,9 @@ class BadItemError(ValueError):
 class Scorer(Protocol):
     """Answer log-probabilities under a generator; every backend implements this."""
 
+    #: the dtype the model actually runs in (``auto`` resolved): part of every label's fingerprint
+    dtype: str
+
     def answer_logprobs(self, items: list[ScoreItem]) -> list[tuple[float, int]]:
         """(mean log-prob over answer tokens, number of answer tokens) per item, in order.
 
@@ -163,10 +166,11 @@ class HFScorer:
     ) -> None:
         import torch
 
-        from uae_ray.models.registry import load_causal_lm
+        from uae_ray.models.registry import load_causal_lm, resolve_dtype
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tokenizer = load_causal_lm(generator, dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model, self.tokenizer = load_causal_lm(generator, self.dtype, self.device)
         self.encoder = PromptEncoder(self.tokenizer, system_prompt, max_passage_tokens, max_model_len)
         self.batch_size = batch_size
         self.pad_id = int(self.tokenizer.pad_token_id)

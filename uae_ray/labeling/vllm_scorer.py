@@ -71,9 +71,10 @@ class VLLMScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.encoder = PromptEncoder(self.tokenizer, system_prompt, max_passage_tokens, max_model_len)
         kwargs: dict[str, Any] = {"gpu_memory_utilization": gpu_memory_utilization} if on_gpu else {}
+        self.dtype = _resolve_dtype(dtype, on_gpu)  # the dtype actually used: part of every label's fingerprint
         self.llm = LLM(
             model=path,
-            dtype=_resolve_dtype(dtype, on_gpu),
+            dtype=self.dtype,
             max_model_len=max_model_len,
             enforce_eager=not on_gpu,
             enable_prefix_caching=enable_prefix_caching,

@@ -1,15 +1,24 @@
-"""``uae-ray label``: utility labels for every candidate pair, on a Ray Data actor pool, resumable and exact.
+"""``uae-ray label``: utility labels for every candidate pair, on a Ray Data actor pool, content-keyed and resumable.
+
+Every label is keyed by a fingerprint of what determined it (:mod:`uae_ray.labeling.fingerprint`): the question,
+the scored answers, the passage text and every setting that changes the numbers (generator, backend, the dtype
+actually used, ``max_model_len``, ``max_passage_tokens``, answer aggregate, prompt). Labels are kept in an
+append-only cache; the stage's product is the *current view* built from it.
 
 Sequence:
-1. pairs = candidates.parquet of the configured splits, joined with their passage text (errors name missing ids);
-2. pairs already in ``utilities/`` or ``utilities_skipped/`` are filtered out (so a killed run resumes);
-3. the no-passage terms of the pending queries not yet in ``label_baseline.parquet`` (once per query and answer);
-4. pending pairs (sorted by length, so batches pad little) -> ``map_batches(LabelPairsBatch)`` on an actor pool;
-   the driver iterates the output ``rows_per_part`` rows at a time and writes each chunk atomically as
-   ``utilities/part-NNNNNN.parquet`` (skipped pairs as ``utilities_skipped/part-NNNNNN.parquet``);
-5. ``label_report.json``: pairs, pairs/s, tokens/s, skips per reason.
+1. pairs = candidates.parquet of the configured splits, joined with their passage text (errors name missing ids),
+   each with its baseline and pair fingerprints;
+2. pairs whose fingerprint is in ``label_cache/`` (labeled or skipped, by any earlier run) are reused;
+3. the no-passage terms the pending pairs need and ``label_baseline/`` lacks (once per question + answers);
+4. pending pairs (one per fingerprint, sorted by length) -> ``map_batches(LabelPairsBatch)`` on an actor pool; the
+   driver writes the output ``rows_per_part`` rows at a time as atomic parts
+   ``label_cache/part-<writer id>-NNNNNN.parquet`` (the writer id is unique per run, so writers never collide);
+5. the current view: ``utilities/`` (one row per labeled current (qid, pid)) and ``utilities_skipped/`` (one per
+   skipped pair, with the reason), each committed atomically;
+6. ``label_report.json``: pairs, reused / new pairs, orphaned cache rows, skips, pairs/s, tokens/s.
 
-Labels from another generator or prompt version in the run directory are an error, never mixed.
+A setting that does not change the numbers (actor pool, batch sizes, ``rows_per_part``, splits) relabels nothing;
+one that does makes new fingerprints, so every pair it touches is labeled again and never mixed with the old rows.
 """
 
 from __future__ import annotations
@@ -17,11 +26,13 @@ from __future__ import annotations
 import logging
 import re
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from uae_ray.config import LabelConfig
 from uae_ray.data.schema import (
@@ -29,46 +40,63 @@ from uae_ray.data.schema import (
     CORPUS,
     LABEL_BASELINE,
     LABEL_BASELINE_SCHEMA,
+    LABEL_CACHE,
+    LABEL_CACHE_SCHEMA,
     LABEL_REPORT,
     LABEL_SKIPPED,
     LABEL_SKIPPED_SCHEMA,
+    LEGACY_LABEL_BASELINE,
     QUERIES,
     UTILITIES,
-    UTILITIES_SCHEMA,
+    UTILITIES_VIEW_SCHEMA,
 )
-from uae_ray.labeling.pipeline import BaselineBatch, LabelPairsBatch, join_pair_inputs, split_blocks
+from uae_ray.labeling.fingerprint import label_device, settings_key
+from uae_ray.labeling.pipeline import (
+    BaselineBatch,
+    LabelPairsBatch,
+    attach_fingerprints,
+    join_pair_inputs,
+    split_blocks,
+)
 from uae_ray.labeling.prompts import prompt_version_for
 from uae_ray.models.registry import resolve_dtype
 from uae_ray.runtime import RunDir
 
 log = logging.getLogger("uae_ray")
-_PART = re.compile(r"^part-(\d{6})\.parquet$")
+_PART = re.compile(r"^part-[A-Za-z0-9-]+\.parquet$")
+VIEW_PART = "part-000000.parquet"
 
 
-class LabelMismatchError(ValueError):
-    """Existing labels in the run directory were made with another generator or prompt version."""
+def new_writer_id() -> str:
+    """A part-name prefix unique to this run: UTC time (parts sort by age) and a random suffix."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
-def _read_parts(run_dir: RunDir, name: str, schema: pa.Schema) -> pa.Table:
-    if not any(_PART.match(p) for p in run_dir.listdir(name)):
+class PartWriter:
+    """Appends atomic Parquet parts ``<name>/part-<writer>-NNNNNN.parquet``."""
+
+    def __init__(self, run_dir: RunDir, name: str, writer: str) -> None:
+        self.run_dir, self.name, self.writer, self.n = run_dir, name, writer, 0
+
+    def write(self, table: pa.Table) -> None:
+        self.run_dir.write_table(f"{self.name}/part-{self.writer}-{self.n:06d}.parquet", table)
+        self.n += 1
+
+
+def read_parts(run_dir: RunDir, name: str, schema: pa.Schema) -> pa.Table:
+    """Every part in directory ``name`` as one table in ``schema`` (empty when there is none)."""
+    parts = [p for p in run_dir.listdir(name) if _PART.match(p)]
+    if not parts:
         return schema.empty_table()
-    return run_dir.read_table(name)
+    return pq.read_table(run_dir.path(name), filesystem=run_dir.fs, schema=schema)  # dot files (temps) are skipped
 
 
-def _check_same_labels(parts: pa.Table, where: str, generator: str, prompt_version: str) -> None:
-    if parts.num_rows == 0:
-        return
-    seen = pc.unique(pc.binary_join_element_wise(parts["generator"], parts["prompt_version"], " / ")).to_pylist()
-    if seen != [f"{generator} / {prompt_version}"]:
-        raise LabelMismatchError(
-            f"{where} holds labels from generator / prompt_version {sorted(seen)}; this config gives "
-            f"{generator} / {prompt_version}. Labels from different generators or prompts never mix: use a new "
-            f"run directory, or remove {where} to relabel."
-        )
-
-
-def _keys(table: pa.Table) -> set[tuple[str, str]]:
-    return set(zip(table["qid"].to_pylist(), table["pid"].to_pylist(), strict=True))
+def first_index(fingerprints: list[str]) -> dict[str, int]:
+    """fingerprint -> its first row (rows made twice by concurrent writers are identical: one is used)."""
+    out: dict[str, int] = {}
+    for i, fp in enumerate(fingerprints):
+        out.setdefault(fp, i)
+    return out
 
 
 def select_pairs(run_dir: RunDir, cfg: LabelConfig) -> tuple[pa.Table, pa.Table]:
@@ -90,143 +118,210 @@ def select_pairs(run_dir: RunDir, cfg: LabelConfig) -> tuple[pa.Table, pa.Table]
     return queries, cands.append_column("text", text)
 
 
-def _next_part(run_dir: RunDir) -> int:
-    nums = [int(m.group(1)) for d in (UTILITIES, LABEL_SKIPPED) for p in run_dir.listdir(d) if (m := _PART.match(p))]
-    return max(nums, default=-1) + 1
-
-
-def _ensure_baseline(run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, generator: str, version: str) -> tuple[
-    pa.Table, int
-]:
-    """The baseline table covering ``queries`` (computing only what ``label_baseline.parquet`` lacks), tokens used."""
-
-    have = run_dir.read_table(LABEL_BASELINE) if run_dir.exists(LABEL_BASELINE) else LABEL_BASELINE_SCHEMA.empty_table()
-    _check_same_labels(have, run_dir.path(LABEL_BASELINE), generator, version)
-    todo = queries.filter(pc.invert(pc.is_in(queries["qid"], have["qid"])))
-    tokens = 0
-    if todo.num_rows:
-        log.info("label: no-passage terms for %d queries", todo.num_rows)
+def _ensure_baseline(
+    run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, pending: pa.Table, ctx: dict[str, str]
+) -> tuple[pa.Table, dict[str, int], int]:
+    """The baseline rows the ``pending`` pairs need (computing only the fingerprints ``label_baseline/`` lacks),
+    counts {needed, reused, new}, tokens used."""
+    have = read_parts(run_dir, LABEL_BASELINE, LABEL_BASELINE_SCHEMA)
+    have_fp = first_index(have["fingerprint"].to_pylist())
+    need = first_index(pending["baseline_fp"].to_pylist())  # baseline fp -> first pending pair needing it
+    todo_fp = [fp for fp in need if fp not in have_fp]
+    counts = {"needed": len(need), "reused": len(need) - len(todo_fp), "new": len(todo_fp)}
+    tokens, tables = 0, [have]
+    if todo_fp:
+        q_row = {q: i for i, q in enumerate(queries["qid"].to_pylist())}
+        pending_qid = pending["qid"].to_pylist()
+        rows = pa.array([q_row[pending_qid[need[fp]]] for fp in todo_fp], pa.int64())
+        todo = queries.select(["qid", "question", "answers"]).take(rows)
+        log.info("label: no-passage terms for %d question/answer sets (%d reused)", len(todo_fp), counts["reused"])
         n_blocks = max(1, min(cfg.pool.max_size * 4, todo.num_rows // cfg.rows_per_batch + 1))
-        out = _map_on_actor_pool(todo.select(["qid", "question", "answers"]), BaselineBatch, cfg, n_blocks, version)
-        new = pa.concat_tables(list(out.iter_batches(batch_size=None, batch_format="pyarrow")))
-        tokens = int(pc.sum(new["tokens"]).as_py() or 0)
-        have = pa.concat_tables([have, new.drop_columns(["tokens"]).cast(LABEL_BASELINE_SCHEMA)])
-        run_dir.write_table(LABEL_BASELINE, have)
-    return have.filter(pc.is_in(have["qid"], queries["qid"])), tokens
+        out = _map_on_actor_pool(todo, BaselineBatch, cfg, n_blocks, ctx)
+        parts = PartWriter(run_dir, LABEL_BASELINE, ctx["writer"])
+        for chunk in out.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow"):
+            tokens += int(pc.sum(chunk["tokens"]).as_py() or 0)
+            new = chunk.drop_columns(["tokens"]).cast(LABEL_BASELINE_SCHEMA)
+            parts.write(new)
+            tables.append(new)
+    table = pa.concat_tables(tables)
+    index = first_index(table["fingerprint"].to_pylist())
+    lost = [fp for fp in need if fp not in index]
+    if lost:  # the actors keyed a baseline differently from the driver: never label against a wrong term
+        raise RuntimeError(f"label: {len(lost)} no-passage fingerprint(s) missing after the baseline pass "
+                           f"(first {lost[0]}): the actors and the driver disagree on the label settings")
+    return table.take(pa.array([index[fp] for fp in need], pa.int64())), counts, tokens
 
 
-def _map_on_actor_pool(table: pa.Table, udf: type, cfg: LabelConfig, n_blocks: int, version: str) -> Any:
+def _map_on_actor_pool(table: pa.Table, udf: type, cfg: LabelConfig, n_blocks: int, ctx: dict[str, str]) -> Any:
     """``table`` cut into ``n_blocks`` on the driver, mapped by scorer class ``udf`` on the autoscaling actor pool."""
     import ray
 
+    from uae_ray.runtime import ensure_ray
+
+    ensure_ray()
     return ray.data.from_arrow(split_blocks(table, n_blocks)).map_batches(
         udf,
-        fn_constructor_kwargs={"cfg": cfg, "generator": cfg.generator, "prompt_version": version},
+        fn_constructor_kwargs={"cfg": cfg, "generator": cfg.generator, "prompt_version": ctx["version"],
+                               "settings": ctx["settings"]},
         **cfg.pool.map_batches_args(),
         batch_size=cfg.rows_per_batch,
         batch_format="pyarrow",
     )
 
 
+def _label_pending(
+    run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, pending: pa.Table, ctx: dict[str, str]
+) -> tuple[list[pa.Table], dict[str, Any]]:
+    """Label the ``pending`` pairs (one per fingerprint) into new cache parts; (new tables, this run's counts)."""
+    stats: dict[str, Any] = {"labeled": 0, "skipped": Counter(), "duplicates_dropped": 0, "tokens": 0,
+                             "baseline": {"needed": 0, "reused": 0, "new": 0}}
+    if not pending.num_rows:
+        return [], stats
+    pending_q = queries.filter(pc.is_in(queries["qid"], pending["qid"]))
+    baseline, stats["baseline"], stats["tokens"] = _ensure_baseline(run_dir, cfg, pending_q, pending, ctx)
+    rows = join_pair_inputs(pending, pending_q, baseline)
+    est = pc.add(pc.utf8_length(rows["text"]), pc.utf8_length(rows["question"]))
+    rows = rows.take(pc.sort_indices(est))  # length-sorted: neighbouring pairs share a batch, little padding
+    n_blocks = max(1, min(rows.num_rows // cfg.rows_per_batch + 1, cfg.pool.max_size * 8))
+    ds = _map_on_actor_pool(rows, LabelPairsBatch, cfg, n_blocks, ctx)
+    parts = PartWriter(run_dir, LABEL_CACHE, ctx["writer"])
+    written: set[str] = set()
+    new: list[pa.Table] = []
+    t0 = time.perf_counter()
+    for chunk in ds.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow"):
+        stats["tokens"] += int(pc.sum(chunk["tokens"]).as_py() or 0)
+        fps = chunk["fingerprint"].to_pylist()
+        fresh = [fp not in written for fp in fps]  # a retried block can come back twice: write each key once
+        stats["duplicates_dropped"] += fresh.count(False)
+        chunk = chunk.filter(pa.array(fresh, pa.bool_())).drop_columns(["tokens"]).cast(LABEL_CACHE_SCHEMA)
+        written.update(chunk["fingerprint"].to_pylist())
+        if chunk.num_rows:
+            parts.write(chunk)
+            new.append(chunk)
+        reasons = chunk["skip_reason"].to_pylist()
+        stats["skipped"].update(r for r in reasons if r)
+        stats["labeled"] += reasons.count("")
+        log.info("label: %d/%d pending labels done, %.2f pairs/s", len(written), pending.num_rows,
+                 len(written) / max(time.perf_counter() - t0, 1e-9))
+    return new, stats
+
+
+def _commit_view(run_dir: RunDir, name: str, table: pa.Table) -> None:
+    """Make directory ``name`` hold exactly one part, ``table``: one atomic object write (a rename locally, one PUT
+    on an object store), then whatever else is there goes (parts of a run dir from before content keys)."""
+    run_dir.write_table(f"{name}/{VIEW_PART}", table)
+    for entry in run_dir.listdir(name):
+        if entry != VIEW_PART and not entry.startswith("."):  # dot files: temps, cleaned by remove_stale_temps
+            run_dir.remove(f"{name}/{entry}")
+
+
+def write_view(run_dir: RunDir, pairs: pa.Table, cache: pa.Table) -> tuple[pa.Table, pa.Table, int]:
+    """The current view of ``pairs`` (qid, pid, fingerprint) from ``cache`` rows: ``utilities/`` and
+    ``utilities_skipped/`` committed atomically. Returns (labeled view, skipped view, pairs with no cache row)."""
+    index = first_index(cache["fingerprint"].to_pylist())
+    rows = [index.get(fp, -1) for fp in pairs["fingerprint"].to_pylist()]
+    found = pa.array([r >= 0 for r in rows], pa.bool_())
+    cur = pairs.filter(found)
+    hit = cache.take(pa.array([r for r in rows if r >= 0], pa.int64()))
+    ok = pc.equal(hit["skip_reason"], "")
+    good, bad = hit.filter(ok), hit.filter(pc.invert(ok))
+    good_pairs, bad_pairs = cur.filter(ok), cur.filter(pc.invert(ok))
+    labeled = pa.table({
+        "qid": good_pairs["qid"], "pid": good_pairs["pid"], "logp_with": good["logp_with"],
+        "logp_without": good["logp_without"], "n_answer_tokens": good["n_answer_tokens"], "utility": good["utility"],
+        "generator": good["generator"], "prompt_version": good["prompt_version"], "fingerprint": good["fingerprint"],
+    }, schema=UTILITIES_VIEW_SCHEMA)
+    skipped = pa.table({
+        "qid": bad_pairs["qid"], "pid": bad_pairs["pid"], "reason": bad["skip_reason"], "generator": bad["generator"],
+        "prompt_version": bad["prompt_version"], "fingerprint": bad["fingerprint"],
+    }, schema=LABEL_SKIPPED_SCHEMA)
+    _commit_view(run_dir, UTILITIES, labeled)
+    _commit_view(run_dir, LABEL_SKIPPED, skipped)
+    return labeled, skipped, pairs.num_rows - cur.num_rows
+
+
 def run(cfg: LabelConfig, run_dir: RunDir) -> dict[str, Any]:
-    """Label every pending candidate pair; see the module docstring. Returns the report."""
-
-    from uae_ray.runtime import ensure_ray
-
-    ensure_ray()
-    generator, version = cfg.generator, prompt_version_for(cfg)
+    """Label every pair whose fingerprint is new, reuse the rest, write the current view; returns the report."""
+    dtype = resolve_dtype(cfg.dtype, label_device(cfg))
+    ctx = {"settings": settings_key(cfg, dtype), "version": prompt_version_for(cfg), "writer": new_writer_id(),
+           "dtype": dtype}
     queries, pairs = select_pairs(run_dir, cfg)
-    for name in (UTILITIES, LABEL_SKIPPED):  # a run killed mid-write (SIGKILL) can leave its temp part behind
+    pairs = attach_fingerprints(pairs, queries, aggregate=cfg.answer_aggregate, settings=ctx["settings"])
+    for name in (LABEL_CACHE, LABEL_BASELINE, UTILITIES, LABEL_SKIPPED):  # a killed run can leave its temp parts
         if removed := run_dir.remove_stale_temps(name):
             log.warning("label: removed %d temporary file(s) a killed run left in %s", removed, run_dir.path(name))
-    done = _read_parts(run_dir, UTILITIES, UTILITIES_SCHEMA)
-    skipped = _read_parts(run_dir, LABEL_SKIPPED, LABEL_SKIPPED_SCHEMA)
-    _check_same_labels(done, run_dir.path(UTILITIES), generator, version)
-    _check_same_labels(skipped, run_dir.path(LABEL_SKIPPED), generator, version)
-    finished = _keys(done) | _keys(skipped)
-    keys = list(zip(pairs["qid"].to_pylist(), pairs["pid"].to_pylist(), strict=True))
-    pending = pairs.filter(pa.array([k not in finished for k in keys], pa.bool_()))
-    log.info("label: %d pairs, %d already done, %d pending", pairs.num_rows, pairs.num_rows - pending.num_rows,
-             pending.num_rows)
+    if run_dir.exists(LEGACY_LABEL_BASELINE):
+        log.warning("label: %s holds no-passage terms keyed by qid only (before content keys); removed, and labels "
+                    "made before content keys are not reused", run_dir.path(LEGACY_LABEL_BASELINE))
+        run_dir.remove(LEGACY_LABEL_BASELINE)
+    cache = read_parts(run_dir, LABEL_CACHE, LABEL_CACHE_SCHEMA)
+    cached = first_index(cache["fingerprint"].to_pylist())
+    fps = pairs["fingerprint"].to_pylist()
+    seen: set[str] = set()
+    todo = []
+    for fp in fps:  # one label per fingerprint: pairs with the same content share it
+        todo.append(fp not in cached and fp not in seen)
+        seen.add(fp)
+    pending = pairs.filter(pa.array(todo, pa.bool_()))
+    reused = sum(fp in cached for fp in fps)
+    log.info("label: %d pairs (%d distinct contents), %d reused from %s, %d to label", pairs.num_rows, len(seen),
+             reused, LABEL_CACHE, pending.num_rows)
     t0 = time.perf_counter()
-    tokens, labeled_now, skipped_now, duplicates = 0, 0, Counter(), 0
-    if pending.num_rows:
-        pending_q = queries.filter(pc.is_in(queries["qid"], pending["qid"]))
-        baseline, tokens = _ensure_baseline(run_dir, cfg, pending_q, generator, version)
-        rows = join_pair_inputs(pending, pending_q, baseline)
-        est = pc.add(pc.utf8_length(rows["text"]), pc.utf8_length(rows["question"]))
-        rows = rows.take(pc.sort_indices(est))  # length-sorted: neighbouring pairs share a batch, little padding
-        n_blocks = max(1, min(rows.num_rows // cfg.rows_per_batch + 1, cfg.pool.max_size * 8))
-        ds = _map_on_actor_pool(rows, LabelPairsBatch, cfg, n_blocks, version)
-        part = _next_part(run_dir)
-        written: set[tuple[str, str]] = set()
-        for chunk in ds.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow"):
-            tokens += int(pc.sum(chunk["tokens"]).as_py() or 0)
-            chunk_keys = list(zip(chunk["qid"].to_pylist(), chunk["pid"].to_pylist(), strict=True))
-            fresh = [k not in written and k not in finished for k in chunk_keys]
-            duplicates += fresh.count(False)
-            chunk = chunk.filter(pa.array(fresh, pa.bool_()))
-            written.update(k for k, f in zip(chunk_keys, fresh, strict=True) if f)
-            is_skip = pc.not_equal(chunk["skip_reason"], "")
-            bad = chunk.filter(is_skip)
-            good = chunk.filter(pc.invert(is_skip)).select(UTILITIES_SCHEMA.names).cast(UTILITIES_SCHEMA)
-            if bad.num_rows:  # skips first: a kill between the two writes leaves pairs pending, never doubled
-                run_dir.write_table(
-                    f"{LABEL_SKIPPED}/part-{part:06d}.parquet",
-                    pa.table({"qid": bad["qid"], "pid": bad["pid"], "reason": bad["skip_reason"],
-                              "generator": bad["generator"], "prompt_version": bad["prompt_version"]},
-                             schema=LABEL_SKIPPED_SCHEMA),
-                )
-                skipped_now.update(bad["skip_reason"].to_pylist())
-            if good.num_rows:
-                run_dir.write_table(f"{UTILITIES}/part-{part:06d}.parquet", good)
-                labeled_now += good.num_rows
-            part += 1
-            elapsed = time.perf_counter() - t0
-            log.info("label: %d/%d pending pairs done, %.2f pairs/s", len(written), pending.num_rows,
-                     len(written) / max(elapsed, 1e-9))
+    new, stats = _label_pending(run_dir, cfg, queries, pending, ctx)
     elapsed = time.perf_counter() - t0
-    return _report(
-        run_dir, cfg, pc.unique(pairs["qid"]), pairs.num_rows, labeled_now, skipped_now, duplicates, tokens, elapsed,
-        version,
-    )
+    cache = pa.concat_tables([cache, *new])
+    labeled, skipped, unaccounted = write_view(run_dir, pairs, cache)
+    return _report(run_dir, cfg, ctx, pairs, cache, labeled, skipped, unaccounted, reused, stats, elapsed)
 
 
 def _report(
-    run_dir: RunDir, cfg: LabelConfig, pairs_qids: pa.Array, n_pairs: int, labeled_now: int, skipped_now: Counter,
-    duplicates: int, tokens: int, elapsed: float, version: str,
+    run_dir: RunDir, cfg: LabelConfig, ctx: dict[str, str], pairs: pa.Table, cache: pa.Table, labeled: pa.Table,
+    skipped: pa.Table, unaccounted: int, reused: int, stats: dict[str, Any], elapsed: float,
 ) -> dict[str, Any]:
-    done = _read_parts(run_dir, UTILITIES, UTILITIES_SCHEMA)
-    skipped = _read_parts(run_dir, LABEL_SKIPPED, LABEL_SKIPPED_SCHEMA)
-    done = done.filter(pc.is_in(done["qid"], pairs_qids))
-    skipped = skipped.filter(pc.is_in(skipped["qid"], pairs_qids))
-    now = labeled_now + sum(skipped_now.values())
+    current = set(pairs["fingerprint"].to_pylist())
+    cache_fp = first_index(cache["fingerprint"].to_pylist())
+    settings = cache["settings"].to_pylist()
+    orphaned = [fp for fp in cache_fp if fp not in current]
+    now = stats["labeled"] + sum(stats["skipped"].values())
     report = {
         "generator": cfg.generator,
-        "prompt_version": version,
+        "prompt_version": ctx["version"],
+        "settings": ctx["settings"],
         "backend": cfg.backend,
-        "dtype": resolve_dtype(cfg.dtype, "cuda" if cfg.pool.num_gpus > 0 else "cpu"),
+        "dtype": ctx["dtype"],
         "answer_aggregate": cfg.answer_aggregate,
         "splits": list(cfg.splits),
-        "pairs": n_pairs,
-        "labeled": done.num_rows,
+        "pairs": pairs.num_rows,
+        "labeled": labeled.num_rows,
         "skipped": dict(Counter(skipped["reason"].to_pylist())),
-        "unaccounted": n_pairs - done.num_rows - skipped.num_rows,
+        "unaccounted": unaccounted,
+        "reused": reused,  # pairs whose label (or skip) was in the cache before this run
+        "new": pairs.num_rows - reused - unaccounted,  # pairs labeled (or skipped) by this run
+        "cache": {
+            "rows": len(cache_fp),
+            "orphaned": len(orphaned),  # cache rows no current pair uses (old text, answers or settings)
+            "orphaned_other_settings": sum(settings[cache_fp[fp]] != ctx["settings"] for fp in orphaned),
+        },
         "this_run": {
-            "labeled": labeled_now,
-            "skipped": dict(skipped_now),
-            "duplicates_dropped": duplicates,
+            "labeled": stats["labeled"],
+            "skipped": dict(stats["skipped"]),
+            "duplicates_dropped": stats["duplicates_dropped"],
+            "baseline": stats["baseline"],
             "seconds": round(elapsed, 2),
             "pairs_per_s": round(now / elapsed, 3) if now and elapsed > 0 else None,
-            "tokens": tokens,
-            "tokens_per_s": round(tokens / elapsed, 1) if tokens and elapsed > 0 else None,
+            "tokens": stats["tokens"],
+            "tokens_per_s": round(stats["tokens"] / elapsed, 1) if stats["tokens"] and elapsed > 0 else None,
             "actors": [cfg.pool.min_size, cfg.pool.max_size],
+            "writer": ctx["writer"],
         },
     }
-    if done.num_rows:
-        report["mean_utility"] = round(float(pc.mean(done["utility"]).as_py()), 4)
+    if labeled.num_rows:
+        report["mean_utility"] = round(float(pc.mean(labeled["utility"]).as_py()), 4)
     run_dir.write_json(LABEL_REPORT, report)
     if report["skipped"]:
         log.warning("label: skipped pairs by reason: %s (listed in %s/)", report["skipped"], LABEL_SKIPPED)
-    log.info("label: %d labeled, %.2f pairs/s this run", done.num_rows, report["this_run"]["pairs_per_s"] or 0.0)
+    if unaccounted:
+        log.warning("label: %d pairs have no label and no skip (the run was cut short?): rerun label", unaccounted)
+    log.info("label: %d labeled (%d reused, %d new), %d orphaned cache rows, %.2f pairs/s this run", labeled.num_rows,
+             reused, report["new"], len(orphaned), report["this_run"]["pairs_per_s"] or 0.0)
     return report
