@@ -278,9 +278,11 @@ def make_trainer(
 ) -> Any:
     """A ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU) checkpointing to ``<run_dir>/checkpoints/<name>``.
 
-    Rerunning with the same run directory and name resumes from the latest checkpoint there.
+    Rerunning with the same run directory and name resumes from the latest checkpoint there; within one run, a
+    failed worker group (a worker or its node died) is restarted up to ``scaling.max_failures`` times, each time
+    from the latest checkpoint.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {**scaling.resources_per_worker, "CPU": scaling.cpus_per_worker}
@@ -294,6 +296,7 @@ def make_trainer(
             placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
-            name=name, storage_path=checkpoint_storage(run_dir), checkpoint_config=CheckpointConfig(num_to_keep=2)
+            name=name, storage_path=checkpoint_storage(run_dir), checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
         ),
     )
