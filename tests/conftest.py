@@ -11,6 +11,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Object-store tests talk to a moto S3 server on 127.0.0.1 only: test credentials, set before any Ray node starts so
+# every raylet (and its workers) inherits them, as real nodes take theirs from their own environment.
+os.environ["AWS_ACCESS_KEY_ID"] = "AKIATESTKEYID0000000"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "test-secret-never-in-a-uri"
+os.environ["AWS_REGION"] = "us-east-1"
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
+S3_BUCKET = "uae-ray-test"
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -50,6 +58,44 @@ def ray_session():
     init_ray(None, num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto's ThreadedMotoServer) with the test bucket; AWS_ENDPOINT_URL points
+    at it, so `s3://` run directories (and subprocesses, and workers through the run dir's URI) reach it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    old = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = url
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket=S3_BUCKET)
+    yield url
+    server.stop()
+    if old is None:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = old
+
+
+@pytest.fixture
+def s3_run_uri(s3_endpoint, request) -> str:
+    """A fresh `s3://` run directory URI on the test endpoint (one prefix per test)."""
+    import uuid
+
+    return f"s3://{S3_BUCKET}/{request.node.name.replace('[', '-').strip(']')[:40]}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

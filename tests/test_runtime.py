@@ -47,7 +47,9 @@ def test_directory_of_parts_reads_as_one_table_and_json(tmp_path):
 def test_remove_stale_temps_keeps_parts(tmp_path):
     rd = RunDir(tmp_path)
     rd.write_table("parts/part-000000.parquet", pa.table({"x": [1, 2]}))
-    (tmp_path / "parts" / ".part-000001.parquet.tmp-0123abcd").write_bytes(b"half a part")  # a killed writer's
+    killed = tmp_path / "parts" / ".part-000001.parquet.tmp-0123abcd0123-0123abcd"  # a killed writer's, long ago
+    killed.write_bytes(b"half a part")
+    os.utime(killed, (time.time() - 3600, time.time() - 3600))
     assert rd.read_table("parts").num_rows == 2  # readers skip dot files already
     assert rd.remove_stale_temps("parts") == 1
     assert rd.listdir("parts") == ["part-000000.parquet"]
@@ -93,7 +95,8 @@ def test_non_local_filesystem_path(tmp_path):
         (d / "sub").mkdir()
         (d / "sub" / "w.bin").write_bytes(b"abc")
     assert rd.dir_complete("reward_model")
-    assert sorted(rd.listdir("reward_model")) == [SUCCESS_MARKER, "config.json", "sub"]
+    version = rd.commit_record("reward_model")["version"]
+    assert sorted(rd.listdir("reward_model")) == [SUCCESS_MARKER, f"v-{version}"]  # files under their version
     local = rd.fetch_dir("reward_model", cache_root=tmp_path / "cache")
     assert (local / "sub" / "w.bin").read_bytes() == b"abc" and (local / SUCCESS_MARKER).exists()
     assert rd.fetch_dir("reward_model", cache_root=tmp_path / "cache") == local  # cached: fetched once per node

@@ -8,6 +8,8 @@ generate answers from the top contexts (Token F1, ROUGE-L) -> metrics per system
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -232,19 +234,23 @@ def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str]
             block["rankgpt_parse"] = dict(rg.reranker.parse_counts)
         settings[setting] = block
     report: dict[str, Any] = {
-        "dataset": {"run_dir": run_dir.uri, "queries": n_queries, "passages": len(corpus.pids),
+        "dataset": {"run_dir": run_dir.display, "queries": n_queries, "passages": len(corpus.pids),
                     "documents": len(corpus.doc_rows)},
         "split": cfg.split, "open_scope": scope, "ks": cfg.ks, "exp_util_ks": cfg.exp_util_ks,
         "generation_columns": gen_cols, "models": {**built.models, "base": cfg.base_encoder},
         "labels": label_info, "seed": cfg.seed, "skipped_settings": skipped_settings,
         "config": cfg.model_dump(mode="json"), "settings": settings, "plots": [],
     }
-    out = run_dir.local_path(EVAL) if run_dir.is_local else None
-    if out is not None and settings:
-        report["plots"] = [plots.recall_curves(settings, cfg.ks, out / "recall_at_k.png").name,
-                           plots.quality_vs_latency(settings, "recall@1", out / "recall1_vs_latency.png").name,
-                           plots.quality_vs_latency(settings, f"exputil@{cfg.exp_util_ks[0]}",
-                                                    out / "exputil_vs_latency.png").name]
+    if settings:  # drawn locally, then written into the run dir atomically (a local path or an object store)
+        with tempfile.TemporaryDirectory(prefix="uae_ray_plots-") as tmp:
+            out = Path(tmp)
+            drawn = [plots.recall_curves(settings, cfg.ks, out / "recall_at_k.png"),
+                     plots.quality_vs_latency(settings, "recall@1", out / "recall1_vs_latency.png"),
+                     plots.quality_vs_latency(settings, f"exputil@{cfg.exp_util_ks[0]}",
+                                              out / "exputil_vs_latency.png")]
+            for png in drawn:
+                run_dir.write_bytes(f"{EVAL}/{png.name}", png.read_bytes())
+            report["plots"] = [png.name for png in drawn]
     run_dir.write_json(f"{EVAL}/report.json", report)
     md = render_markdown(report)
     run_dir.write_text(f"{EVAL}/report.md", md)

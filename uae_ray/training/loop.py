@@ -263,13 +263,14 @@ def encoder_train_loop(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- trainer
-def checkpoint_storage(run_dir: RunDir) -> str:
-    """Ray Train ``storage_path`` inside the run directory (a local path or the run dir's URI)."""
+def checkpoint_storage(run_dir: RunDir) -> tuple[str, Any]:
+    """Ray Train ``(storage_path, storage_filesystem)`` inside the run directory: a local path (no filesystem), or
+    the object-store path with the run dir's own pyarrow filesystem (its endpoint; credentials stay on the nodes)."""
     from uae_ray.data.schema import CHECKPOINTS
 
     if run_dir.is_local:
-        return str(run_dir.local_path(CHECKPOINTS))
-    return f"{run_dir.uri.rstrip('/')}/{CHECKPOINTS}"
+        return str(run_dir.local_path(CHECKPOINTS)), None
+    return run_dir.path(CHECKPOINTS), run_dir.fs
 
 
 def make_trainer(
@@ -285,6 +286,7 @@ def make_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    storage_path, storage_fs = checkpoint_storage(run_dir)
     resources = {**scaling.resources_per_worker, "CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
@@ -296,7 +298,8 @@ def make_trainer(
             placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
-            name=name, storage_path=checkpoint_storage(run_dir), checkpoint_config=CheckpointConfig(num_to_keep=2),
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
         ),
     )
