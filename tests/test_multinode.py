@@ -6,8 +6,11 @@ with their node ids), never from logs. Each failure test removes a worker node (
 raylet, object store and workers) in the middle of the work, then checks the outcome; a fresh worker node is added
 before the next test, so the tests do not depend on their order.
 
-One cluster serves the module; it is shut down at the end, also after a failure. The session-wide local Ray of
-``ray_session`` is disconnected first (and stays so; the next test that needs it starts it again).
+The run directory is an ``s3://`` prefix on the session's moto S3 endpoint throughout (``s3_run_uri``): every node
+reads and writes the same store, and Ray Train keeps its checkpoints there.
+
+One cluster serves the module; it is shut down at the end, also after a failure. A local Ray the session already
+started (``ray_session``) is disconnected first and started again afterwards, so test order does not matter.
 """
 
 from __future__ import annotations
@@ -86,13 +89,15 @@ class MultiNode:
 
 
 @pytest.fixture(scope="module")
-def multinode() -> Iterator[MultiNode]:
+def multinode(s3_endpoint: str) -> Iterator[MultiNode]:
+    """The cluster, started after the S3 endpoint so every node inherits its address."""
     import ray
     from ray.cluster_utils import Cluster
 
     from uae_ray.runtime import init_ray
 
-    ray.shutdown()  # the session's local Ray (ray_session), if a test before this module started it
+    had_local_ray = ray.is_initialized()  # ray_session's local Ray, if a test before this module started it
+    ray.shutdown()
     cluster = Cluster()
     try:
         head = cluster.add_node(
@@ -107,6 +112,8 @@ def multinode() -> Iterator[MultiNode]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if had_local_ray:
+            init_ray(None, num_cpus=4)  # as ray_session started it, for the tests that run after this module
 
 
 @pytest.fixture
@@ -122,7 +129,8 @@ def two_workers(multinode: MultiNode) -> MultiNode:
 def _alive_nodes() -> list[Any]:
     from ray.util.state import list_nodes
 
-    return list_nodes(filters=[("state", "=", "ALIVE")], detail=True)
+    # filtered here, not by the state API: a server-side filter that drops dead nodes reads as truncated output
+    return [n for n in list_nodes(limit=1000, detail=True) if n.state == "ALIVE"]
 
 
 def _alive_nodes_or_none() -> list[Any]:
@@ -135,8 +143,7 @@ def _alive_nodes_or_none() -> list[Any]:
 def _actors(match: Callable[[Any], bool], alive_only: bool = True) -> list[Any]:
     from ray.util.state import list_actors
 
-    filters = [("state", "=", "ALIVE")] if alive_only else []
-    return [a for a in list_actors(filters=filters, limit=10_000, detail=True) if match(a)]
+    return [a for a in list_actors(limit=10_000, detail=True) if match(a) and (a.state == "ALIVE" or not alive_only)]
 
 
 def _label_actors() -> list[Any]:
@@ -170,11 +177,11 @@ def _join(t: threading.Thread, out: dict[str, Any], timeout_s: float) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------------- labeling
-def test_label_actors_on_both_workers_and_a_node_dies_midway(two_workers: MultiNode, tmp_path: Path) -> None:
+def test_label_actors_on_both_workers_and_a_node_dies_midway(two_workers: MultiNode, s3_run_uri: str) -> None:
     """Label actors run on both worker nodes, none on the head; one node dies midway: every pair exactly once."""
     from uae_ray.stages import label
 
-    rd, n_pairs = write_label_run(tmp_path / "run", n_queries=12, filler=6)
+    rd, n_pairs = write_label_run(s3_run_uri, n_queries=12, filler=6)
     cfg = LabelConfig(rows_per_part=4, rows_per_batch=2,
                       pool={"min_size": 2, "max_size": 2, "batch_size": 2, "resources": {WORKER: 1}})
     t0 = time.monotonic()
@@ -211,10 +218,10 @@ def test_label_actors_on_both_workers_and_a_node_dies_midway(two_workers: MultiN
 
 
 # ------------------------------------------------------------------------------------------------------- training
-def test_train_reward_ddp_workers_on_two_nodes(two_workers: MultiNode, tmp_path: Path) -> None:
+def test_train_reward_ddp_workers_on_two_nodes(two_workers: MultiNode, s3_run_uri: str) -> None:
     from uae_ray.stages import train_reward
 
-    rd = build_tiny_run(str(tmp_path / "run"), n_docs=8)
+    rd = build_tiny_run(s3_run_uri, n_docs=8)
     before = {a.actor_id for a in _train_workers(alive_only=False)}
     cfg = TrainRewardConfig(max_length=48, epochs=1, lr=2e-4, queries_per_step=2, group_size=6,
                             heldout_fraction=0.15, scaling=SPREAD_TWO)
@@ -225,17 +232,17 @@ def test_train_reward_ddp_workers_on_two_nodes(two_workers: MultiNode, tmp_path:
     assert len(workers) == 2, workers
     nodes = {a.node_id for a in workers}
     assert nodes == two_workers.worker_ids(), f"DDP workers on {nodes}, worker nodes {two_workers.worker_ids()}"
-    assert rd.dir_complete(schema.REWARD_MODEL) and summary["steps"] > 0
+    assert rd.uri.startswith("s3://") and rd.dir_complete(schema.REWARD_MODEL) and summary["steps"] > 0
     assert rd.listdir(f"{schema.CHECKPOINTS}/train_reward"), "no checkpoint in the run directory"
     print(f"train-reward, 2 DDP workers on 2 nodes: {summary['steps']} steps in {seconds:.1f} s")
 
 
-def test_train_encoder_node_dies_midway_resumes_from_checkpoint(two_workers: MultiNode, tmp_path: Path) -> None:
+def test_train_encoder_node_dies_midway_resumes_from_checkpoint(two_workers: MultiNode, s3_run_uri: str) -> None:
     """2 DDP workers on 2 nodes; one node dies after a checkpoint: the group restarts on the surviving node from it."""
     from uae_ray.stages import train_encoder
     from uae_ray.training.data import steps_per_epoch
 
-    rd = build_tiny_run(str(tmp_path / "run"), n_docs=8)
+    rd = build_tiny_run(s3_run_uri, n_docs=8)
     cfg = TrainEncoderConfig(
         max_query_length=32, max_passage_length=48, queries_per_step=2, n_hard_negatives=3, lr=2e-4, epochs=5,
         checkpoint_every_steps=2, loss="infonce",
@@ -344,7 +351,11 @@ def _replica_nodes() -> dict[str, list[str]]:
 
 
 def test_serve_replicas_on_both_workers_and_a_node_dies_under_load(two_workers: MultiNode, tmp_path: Path) -> None:
-    """Each shard's 2 replicas on the 2 worker nodes; one node dies under load: 0 failed requests."""
+    """Each shard's 2 replicas on the 2 worker nodes; one node dies under load: 0 failed requests.
+
+    The run directory is local here (one disk for every node of this cluster): ``build_app`` on main reads
+    ``index/manifest.json`` directly, which an object-store run dir keeps under the committed version.
+    """
     import sys
 
     import httpx
