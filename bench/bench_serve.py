@@ -35,6 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from uae_ray.data.schema import INDEX  # noqa: E402
 from uae_ray.index.build import build_sharded_index  # noqa: E402
 from uae_ray.index.search import ShardedIndex, apply_search_params  # noqa: E402
+from uae_ray.index.versions import current_version, has_index, publish, resolve_local  # noqa: E402
 from uae_ray.runtime import RunDir  # noqa: E402
 
 URL = "http://127.0.0.1:8000"
@@ -57,11 +58,15 @@ def pct(lat_s: list[float]) -> dict[str, float]:
 
 def build(run: RunDir, vectors: np.ndarray, factory: str, shards: int, params: dict[str, int],
           train_sample: int = 100_000) -> dict[str, Any]:
-    if run.dir_complete(INDEX):
-        return run.read_json(f"{INDEX}/manifest.json")
-    with run.staged_dir(INDEX) as out:
+    if has_index(run, INDEX):
+        return run.read_json(f"{INDEX}/{current_version(run, INDEX)}/manifest.json")
+
+    def make(out: Path, version: str) -> dict[str, Any]:
         return build_sharded_index(vectors, [f"p{i}" for i in range(len(vectors))], factory, shards, out,
-                                   encoder="all-minilm-l6-v2", search_params=params, train_sample=train_sample)
+                                   encoder="all-minilm-l6-v2", search_params=params, train_sample=train_sample,
+                                   extra={"version": version})
+
+    return publish(run, INDEX, {"factory": factory, "shards": shards, "n": len(vectors)}, make)[1]
 
 
 def _search_parallel(index: ShardedIndex, pool: Any, q: np.ndarray, k: int) -> None:
@@ -159,7 +164,7 @@ def serve_bench(run: RunDir, queries: np.ndarray, k: int, sweep: list[int], n_ht
     out["vectors_single"] = asyncio.run(http_sweep("/search/vectors", vec_bodies[:n_http], 1))
     out["text_single"] = asyncio.run(http_sweep("/search", text_bodies, 1))
     out["vectors_sweep"] = [asyncio.run(http_sweep("/search/vectors", vec_bodies[:n_sweep], c)) for c in sweep]
-    manifest = run.read_json(f"{INDEX}/manifest.json")
+    manifest = run.read_json(f"{INDEX}/{current_version(run, INDEX)}/manifest.json")
     out["shard_memory"] = [
         serve.get_deployment_handle(shard_deployment(s), app_name="default").stats.remote().result()
         for s in range(manifest["num_shards"])
@@ -290,7 +295,7 @@ def main() -> None:
         res["hnsw_in_process"] = in_process(hnsw, queries, a.k)
         save()
         if "http" not in skip:
-            manifest_path = hnsw_run.local_path(INDEX) / "manifest.json"
+            manifest_path = resolve_local(hnsw_run.local_path(INDEX)) / "manifest.json"  # bench scratch only
             m = json.loads(manifest_path.read_text())
             m["search_params"] = {"efSearch": chosen}
             manifest_path.write_text(json.dumps(m, indent=2) + "\n")

@@ -6,9 +6,11 @@ with a message naming the field, never a 500.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
 
 
 class AppArgs(BaseModel):
@@ -17,18 +19,25 @@ class AppArgs(BaseModel):
     Attributes:
         run_dir: the run directory (local path or ``s3://`` / ``gs://`` URI) holding ``index/`` and the encoder.
         index: name of the index directory inside the run dir.
+        index_version: the index version to serve (``index/<version>/``); None: the one ``index/CURRENT`` names
+            when the app is built. Either way the app pins it: replicas started later (restarts, autoscaling) load
+            that version, never a newer one. Redeploy (``serve run`` / ``serve deploy``) to serve a new version.
         encoder: encoder spec (``run:encoder``, a registry name or a path); None: the encoder named in the index
             manifest, so queries and passages always come from the same model.
-        version: label of what is served (shown by /healthz and in responses); None derives it from the index
-            manifest and the encoder. Redeploying the app (new index or encoder) rolls replicas one by one.
+        host: the address the Serve HTTP proxies bind (``http_options.host``; keep the two equal). Not loopback and
+            no token: the app refuses to build unless ``allow_unauthenticated`` is true.
+        allow_unauthenticated: serve without a bearer token to non-loopback clients (logged as a warning).
+        request_timeout_s: a request running longer gets a 504.
+        version_wait_s: how long a request may wait (retrying) for replicas of one index version when a rollout
+            leaves replicas of two versions behind the handles; then a 503. Never a merged answer of two versions.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     run_dir: str
     index: str = "index"
+    index_version: str | None = None
     encoder: str | None = None
-    version: str | None = None
     shard_replicas: int = Field(1, ge=1)
     encoder_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
@@ -43,8 +52,12 @@ class AppArgs(BaseModel):
     max_k: int = Field(100, ge=1)
     max_queries: int = Field(32, ge=1)  # queries per request
     max_query_chars: int = Field(2000, ge=1)
-    max_body_bytes: int = Field(262_144, ge=1024)
+    max_body_bytes: int = Field(262_144, ge=1024)  # enforced while the body streams in (chunked bodies too)
     token_env: str = "UAE_RAY_TOKEN"
+    host: str = "127.0.0.1"
+    allow_unauthenticated: bool = False
+    request_timeout_s: float = Field(30.0, gt=0)
+    version_wait_s: float = Field(20.0, ge=0)
     retries: int = Field(2, ge=0)  # per shard / encoder call, when a replica died under the request
     max_surge_percent: int = Field(100, ge=0, le=100)  # rollouts start new replicas before old ones stop
     graceful_shutdown_timeout_s: float = Field(60.0, gt=0)  # old replicas finish in-flight requests
@@ -61,8 +74,11 @@ class RetrieverSettings(BaseModel):
     max_body_bytes: int
     token_env: str
     token_sha256: str | None  # sha256 of the bearer token seen by build_app (never the token itself)
+    allow_unauthenticated: bool
+    request_timeout_s: float
+    version_wait_s: float
     retries: int
-    version: str
+    version: str  # the pinned index version
     index_info: dict[str, Any]
 
 
@@ -85,13 +101,35 @@ class SearchRequest(BaseModel):
         return [self.query] if self.query is not None else list(self.queries or [])
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class VectorSearchRequest(BaseModel):
-    """``POST /search/vectors``: pre-computed unit query vectors (clients that encode themselves, benchmarks)."""
+    """``POST /search/vectors``: pre-computed unit query vectors (clients that encode themselves, benchmarks).
+
+    Every number must fit a float32 (finite, magnitude at most ~3.4e38): a huge integer, 1e39, NaN or Infinity is a
+    422 naming its position, never a 500 from the conversion."""
 
     model_config = ConfigDict(extra="forbid")
 
     vectors: list[list[StrictFloat | StrictInt]]
     k: StrictInt = 10
+
+    @field_validator("vectors")
+    @classmethod
+    def _fits_float32(cls, v: list[list[float | int]]) -> list[list[float | int]]:
+        for i, row in enumerate(v):
+            for j, x in enumerate(row):
+                # ints are compared as ints (float(10**400) itself overflows); floats must be finite
+                ok = abs(x) <= FLOAT32_MAX if isinstance(x, int) else math.isfinite(x) and abs(x) <= FLOAT32_MAX
+                if not ok:
+                    text = repr(x) if len(repr(x)) <= 24 else f"{repr(x)[:12]}... ({len(repr(x))} digits)"
+                    raise ValueError(f"vectors[{i}][{j}] = {text} does not fit a float32 (finite, |x| <= 3.4e38)")
+        return v
+
+    def array(self) -> np.ndarray:
+        """The vectors as float32 [n, d] (every number checked to fit)."""
+        return np.asarray(self.vectors, dtype=np.float32)
 
 
 class Hit(BaseModel):

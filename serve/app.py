@@ -3,21 +3,24 @@
     serve run serve.app:build_app run_dir=runs/demo          # or: uae-ray serve --run-dir runs/demo
     serve deploy serve/config.yaml                            # autoscaling settings live there
 
+One index version per app: :func:`build_app` pins ``index_version`` (default: what ``index/CURRENT`` names then) and
+every replica loads ``index/<version>/`` only, so a rebuilt index, a restarted or an autoscaled replica never brings
+another version into the app. Each replica fails its health check unless it loaded the pinned version.
+
 - ``QueryEncoder`` batches single queries with ``@serve.batch``; batch size and wait come from ``user_config``
-  (changed live through ``reconfigure``, no restart).
+  (changed live through ``reconfigure``, no restart). Each vector comes back with the version it was made for.
 - ``IndexShard{s}`` (one deployment per shard, ``shard_replicas`` each) memory-maps its FAISS shard and returns its
-  own hits with their pid/doc_id/text, so a merged answer is consistent even while shards roll to a new version.
-- ``Retriever`` validates the request (4xx with a message on anything bad), encodes, fans out to every shard through
-  handles, merges the top k exactly (:func:`uae_ray.index.search.merge_topk`) and retries a call whose replica died.
+  hits with their pid/doc_id/text (from the version's ``passages.parquet``) and its version.
+- ``Retriever`` authorizes (bearer token), reads the body with a size limit while it streams in, validates (4xx with
+  a message on anything bad), encodes, fans out to every shard through handles and merges the top k exactly
+  (:func:`uae_ray.index.search.merge_topk`) only when the encoder and every shard answered for one version. During a
+  rollout, handles can reach replicas of two versions: the request is retried until one version answers it whole
+  (or a 503 after ``version_wait_s``). A call whose replica died is retried; a request over ``request_timeout_s``
+  gets a 504.
 """
 
-
 import asyncio
-import hashlib
-import hmac
-import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -29,6 +32,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from serve.api import AppArgs, QueryResult, RetrieverSettings, SearchRequest, SearchResponse, VectorSearchRequest
+from serve.guard import Guard, is_loopback, token_sha256_from_env
 from uae_ray.data.schema import CORPUS
 
 log = logging.getLogger("uae_ray.serve")
@@ -41,24 +45,44 @@ def shard_deployment(shard: int) -> str:
     return f"IndexShard{shard}"
 
 
+def _load_version(run_dir: str, index: str, version: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(RunDir, local dir, manifest) of ``index/<version>``; errors name the directory."""
+    from uae_ray.index.search import read_manifest
+    from uae_ray.index.versions import fetch_index
+    from uae_ray.runtime import RunDir
+
+    rd = RunDir(run_dir)
+    _, index_dir = fetch_index(rd, index, version)
+    return rd, index_dir, read_manifest(index_dir)
+
+
+class _Pinned:
+    """Replica side of version pinning: remembers what was loaded; ``check_health`` raises on a mismatch."""
+
+    pinned: str
+    loaded: str | None
+
+    def check_health(self) -> None:
+        if self.loaded != self.pinned:
+            raise RuntimeError(f"replica loaded index version {self.loaded!r}, the app pins {self.pinned!r}")
+
+
 # --------------------------------------------------------------------------------------------------- QueryEncoder
 @serve.deployment(name=ENCODER_DEPLOYMENT, max_ongoing_requests=256)
-class QueryEncoder:
+class QueryEncoder(_Pinned):
     """Encodes one query string per call; concurrent calls are batched into one forward pass."""
 
-    def __init__(self, run_dir: str, encoder: str, index: str, max_query_tokens: int) -> None:
-        from uae_ray.index.search import read_manifest
+    def __init__(self, run_dir: str, encoder: str, index: str, version: str, max_query_tokens: int) -> None:
         from uae_ray.index.source import resolve_encoder
         from uae_ray.models.encoder import load_encoder
-        from uae_ray.runtime import RunDir
 
-        rd = RunDir(run_dir)
+        rd, _, manifest = _load_version(run_dir, index, version)
+        self.pinned, self.loaded = version, manifest.get("version")
         self.model = load_encoder(resolve_encoder(encoder, rd))
         self.max_query_tokens = max_query_tokens
         self.dim = int(self.model.get_embedding_dimension())
         self.batches = 0
         self.queries = 0
-        manifest = read_manifest(rd.fetch_dir(index))
         if manifest["dim"] != self.dim:
             raise ValueError(f"encoder {encoder!r} gives {self.dim}-d vectors, the index holds {manifest['dim']}-d")
 
@@ -80,59 +104,69 @@ class QueryEncoder:
         """Live batching settings and the batches formed so far."""
         return {"max_batch_size": self.encode_batch._get_max_batch_size(),
                 "batch_wait_timeout_s": self.encode_batch._get_batch_wait_timeout_s(),
-                "batches": self.batches, "queries": self.queries, "dim": self.dim}
+                "batches": self.batches, "queries": self.queries, "dim": self.dim, "version": self.loaded}
 
-    async def __call__(self, text: str) -> np.ndarray:
-        return await self.encode_batch(text)
+    async def __call__(self, text: str) -> tuple[np.ndarray, str | None]:
+        """(unit query vector, the index version this encoder serves)."""
+        return await self.encode_batch(text), self.loaded
 
 
 # ----------------------------------------------------------------------------------------------------- IndexShard
 @serve.deployment(max_ongoing_requests=64)
-class IndexShard:
-    """One FAISS shard (memory-mapped where the index type allows) plus the pid/doc_id/text of its vectors."""
+class IndexShard(_Pinned):
+    """One FAISS shard of one index version (memory-mapped where the index type allows) plus the pid/doc_id/text of
+    its vectors."""
 
-    def __init__(self, run_dir: str, index: str, shard: int, mmap: bool) -> None:
-        import pyarrow.compute as pc
+    def __init__(self, run_dir: str, index: str, version: str, shard: int, mmap: bool) -> None:
         import pyarrow.parquet as pq
 
-        from uae_ray.index.build import IDS
-        from uae_ray.index.search import load_shard, read_manifest
-        from uae_ray.runtime import RunDir
+        from uae_ray.index.build import IDS, PASSAGES
+        from uae_ray.index.search import load_shard
 
-        rd = RunDir(run_dir)
-        index_dir = rd.fetch_dir(index)
-        manifest = read_manifest(index_dir)
+        rd, index_dir, manifest = _load_version(run_dir, index, version)
+        self.pinned, self.loaded = version, manifest.get("version")
         if not 0 <= shard < manifest["num_shards"]:
             raise ValueError(f"{index_dir}: shard {shard} does not exist ({manifest['num_shards']} shards)")
         self.shard = shard
         self.index = load_shard(index_dir, shard, mmap=mmap, manifest=manifest)
-        ids = pq.read_table(index_dir / IDS, filters=[("shard", "=", shard)], columns=["id", "pid"])
-        meta: dict[str, tuple[str | None, str | None]] = {}
-        if rd.exists(CORPUS):
-            corpus = rd.read_table(CORPUS, columns=["pid", "doc_id", "text"])
-            corpus = corpus.filter(pc.is_in(corpus.column("pid"), value_set=ids.column("pid")))
-            cols = [corpus.column(c).to_pylist() for c in ("pid", "doc_id", "text")]
-            meta = {p: (d, t) for p, d, t in zip(*cols, strict=True)}
-        self.meta: dict[int, tuple[str, str | None, str | None]] = {
-            int(i): (p, *meta.get(p, (None, None)))
-            for i, p in zip(ids.column("id").to_pylist(), ids.column("pid").to_pylist(), strict=True)
-        }
+        if (index_dir / PASSAGES).exists():  # the version's own texts
+            t = pq.read_table(index_dir / PASSAGES, filters=[("shard", "=", shard)], columns=["id", "pid", "doc_id",
+                                                                                            "text"])
+            cols = [t.column(c).to_pylist() for c in ("id", "pid", "doc_id", "text")]
+            self.meta = {int(i): (p, d, x) for i, p, d, x in zip(*cols, strict=True)}
+        else:  # an index built without passages: texts from the run dir's corpus
+            ids = pq.read_table(index_dir / IDS, filters=[("shard", "=", shard)], columns=["id", "pid"])
+            self.meta = _meta_from_corpus(rd, ids)
         if len(self.meta) != self.index.ntotal:
             raise ValueError(f"{index_dir}: shard {shard}: {self.index.ntotal} vectors but {len(self.meta)} ids")
 
     def stats(self) -> dict[str, Any]:
-        """Shard size and this replica's memory (RSS, and USS: pages only this process holds; mapped files are
-        shared through the page cache and count in RSS only once they are touched)."""
+        """Shard size, version and this replica's memory (RSS, and USS: pages only this process holds; mapped files
+        are shared through the page cache and count in RSS only once they are touched)."""
         import psutil
 
         mem = psutil.Process().memory_full_info()
-        return {"shard": self.shard, "ntotal": int(self.index.ntotal), "rss_mb": mem.rss / 2**20,
-                "uss_mb": mem.uss / 2**20}
+        return {"shard": self.shard, "ntotal": int(self.index.ntotal), "version": self.loaded,
+                "rss_mb": mem.rss / 2**20, "uss_mb": mem.uss / 2**20}
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict[int, tuple]]:
-        """(scores [n, k'], global ids [n, k'], {id: (pid, doc_id, text)} of the returned ids), k' = min(k, size)."""
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict[int, tuple], str | None]:
+        """(scores [n, k'], global ids [n, k'], {id: (pid, doc_id, text)} of the returned ids, version),
+        k' = min(k, size)."""
         scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, int(self.index.ntotal)))
-        return scores, ids, {int(i): self.meta[int(i)] for i in np.unique(ids) if i >= 0}
+        return scores, ids, {int(i): self.meta[int(i)] for i in np.unique(ids) if i >= 0}, self.loaded
+
+
+def _meta_from_corpus(rd: Any, ids: Any) -> dict[int, tuple[str, str | None, str | None]]:
+    import pyarrow.compute as pc
+
+    meta: dict[str, tuple[str | None, str | None]] = {}
+    if rd.exists(CORPUS):
+        corpus = rd.read_table(CORPUS, columns=["pid", "doc_id", "text"])
+        corpus = corpus.filter(pc.is_in(corpus.column("pid"), value_set=ids.column("pid")))
+        cols = [corpus.column(c).to_pylist() for c in ("pid", "doc_id", "text")]
+        meta = {p: (d, t) for p, d, t in zip(*cols, strict=True)}
+    return {int(i): (p, *meta.get(p, (None, None)))
+            for i, p in zip(ids.column("id").to_pylist(), ids.column("pid").to_pylist(), strict=True)}
 
 
 # ------------------------------------------------------------------------------------------------------ Retriever
@@ -155,38 +189,24 @@ def _validation_message(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class VersionConflict(Exception):
+    """The encoder and the shards did not all answer for one index version (a rollout is under way)."""
+
+
 @serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=256)
 @serve.ingress(api)
 class Retriever:
-    """HTTP ingress: validate, encode, fan out to every shard, merge the exact top k."""
+    """HTTP ingress: authorize, validate, encode, fan out to every shard, merge the exact top k of one version."""
 
     def __init__(self, encoder: DeploymentHandle, shards: list[DeploymentHandle], settings: RetrieverSettings) -> None:
         self.encoder = encoder
         self.shards = shards
         self.settings = settings
-        env_token = os.environ.get(settings.token_env)
-        self.token_sha256 = hashlib.sha256(env_token.encode()).hexdigest() if env_token else settings.token_sha256
+        # the replica's own environment wins (a Secret on the serving nodes); set but empty is an error, not "open"
+        sha = token_sha256_from_env(settings.token_env) or settings.token_sha256
+        self.guard = Guard(sha, settings.max_body_bytes, allow_unauthenticated=settings.allow_unauthenticated)
         self.retried = 0
-
-    # ---- request checks
-    def _authorize(self, request: Request) -> None:
-        if self.token_sha256 is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.token_sha256):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    async def _body(self, request: Request) -> bytes:
-        limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise HTTPException(413, f"request body larger than {limit} bytes")
-        body = await request.body()
-        if len(body) > limit:
-            raise HTTPException(413, f"request body larger than {limit} bytes")
-        return body
+        self.version_conflicts = 0
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.settings.max_k:
@@ -197,6 +217,12 @@ class Retriever:
             return model.model_validate_json(body)
         except ValidationError as e:
             raise HTTPException(422, _validation_message(e)) from e
+
+    async def _timed(self, coro: Any) -> Any:
+        try:
+            return await asyncio.wait_for(coro, timeout=self.settings.request_timeout_s)
+        except TimeoutError as e:
+            raise HTTPException(504, f"request took longer than {self.settings.request_timeout_s} s") from e
 
     # ---- backend calls with retry on dead replicas
     async def _call(self, what: str, fn: Any, *args: Any) -> Any:
@@ -210,12 +236,27 @@ class Retriever:
                 await asyncio.sleep(0.1 * (attempt + 1))
         raise HTTPException(503, f"{what} unavailable after {self.settings.retries + 1} tries: {type(last).__name__}")
 
-    async def _search(self, vectors: np.ndarray, k: int, queries: list[str] | None) -> list[QueryResult]:
+    async def _once(self, texts: list[str] | None, vectors: np.ndarray | None, k: int) -> tuple[str, list, float]:
+        """One pass: encode (if texts), search every shard, merge; raises VersionConflict on mixed versions.
+        Returns (version, results, encode ms)."""
         from uae_ray.index.search import merge_topk
 
+        t0 = time.perf_counter()
+        if texts is not None:
+            encoded = await asyncio.gather(*[self._call("encoder", self.encoder, t) for t in texts])
+            versions = {v for _, v in encoded}
+            if len(versions) != 1:
+                raise VersionConflict(f"encoder replicas of versions {sorted(map(str, versions))}")
+            version = versions.pop()
+            vectors = np.stack([vec for vec, _ in encoded])
+        else:
+            version = self.settings.version  # client vectors are for the pinned version's encoder and dimension
+        encode_ms = (time.perf_counter() - t0) * 1e3
         parts = await asyncio.gather(
             *[self._call(f"shard {s}", h.search, vectors, k) for s, h in enumerate(self.shards)]
         )
+        if {p[3] for p in parts} != {version}:  # never merge hits of two versions: their ids mean other passages
+            raise VersionConflict(f"version {version} wanted, shards answered {[p[3] for p in parts]}")
         scores, ids = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
         meta: dict[int, tuple] = {}
         for p in parts:
@@ -227,22 +268,42 @@ class Retriever:
                 for r, (s, i) in enumerate(zip(scores[row].tolist(), ids[row].tolist(), strict=True))
                 if i >= 0
             ]
-            results.append(QueryResult(query=queries[row] if queries else None, hits=hits))
-        return results
+            results.append(QueryResult(query=texts[row] if texts else None, hits=hits))
+        return str(version), results, encode_ms
+
+    async def _search(self, texts: list[str] | None, vectors: np.ndarray | None, k: int) -> tuple[str, list, float]:
+        """:meth:`_once`, retried while replicas of two versions answer (a rollout), for ``version_wait_s``."""
+        deadline = time.monotonic() + self.settings.version_wait_s
+        attempt = 0
+        while True:
+            try:
+                return await self._once(texts, vectors, k)
+            except VersionConflict as e:
+                self.version_conflicts += 1
+                if time.monotonic() >= deadline:
+                    raise HTTPException(503, f"index version changing under this request ({e}); retry") from e
+                attempt += 1
+                await asyncio.sleep(min(0.02 * 2**attempt, 0.5))
 
     # ---- routes
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        """Liveness plus what is being served (index manifest summary, version)."""
-        return {"status": "ok", "version": self.settings.version, "index": self.settings.index_info,
-                "shards": len(self.shards), "retried_calls": self.retried}
+    async def healthz(self, request: Request) -> dict[str, Any]:
+        """Liveness and the served index version; with the bearer token also the index summary and counters."""
+        status = {"status": "ok", "version": self.settings.version}
+        if not self.guard.authorized(request):
+            return status
+        return {**status, "index": self.settings.index_info, "shards": len(self.shards),
+                "retried_calls": self.retried, "version_conflicts": self.version_conflicts}
 
     @api.post("/search", response_model=SearchResponse, openapi_extra=_request_schema(SearchRequest))
     async def search(self, request: Request) -> SearchResponse:
         """Top ``k`` passages for ``query`` (a string) or ``queries`` (a list of strings)."""
+        return await self._timed(self._text_search(request))
+
+    async def _text_search(self, request: Request) -> SearchResponse:
         t0 = time.perf_counter()
-        self._authorize(request)
-        req: SearchRequest = self._parse(SearchRequest, await self._body(request))
+        self.guard.authorize(request)
+        req: SearchRequest = self._parse(SearchRequest, await self.guard.read_body(request))
         self._check_k(req.k)
         texts = req.texts()
         if not 1 <= len(texts) <= self.settings.max_queries:
@@ -252,84 +313,89 @@ class Retriever:
                 raise HTTPException(422, f"query {n}: empty")
             if len(text) > self.settings.max_query_chars:
                 raise HTTPException(422, f"query {n}: longer than {self.settings.max_query_chars} characters")
-        vectors = np.stack(await asyncio.gather(*[self._call("encoder", self.encoder, t) for t in texts]))
-        t1 = time.perf_counter()
-        results = await self._search(vectors, req.k, texts)
-        t2 = time.perf_counter()
-        timing = {"encode": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
-        return SearchResponse(results=results, k=req.k, version=self.settings.version, timing_ms=timing)
+        version, results, encode_ms = await self._search(texts, None, req.k)
+        total = (time.perf_counter() - t0) * 1e3
+        return SearchResponse(results=results, k=req.k, version=version,
+                              timing_ms={"encode": encode_ms, "search": total - encode_ms, "total": total})
 
     @api.post("/search/vectors", response_model=SearchResponse, openapi_extra=_request_schema(VectorSearchRequest))
     async def search_vectors(self, request: Request) -> SearchResponse:
         """Top ``k`` for pre-computed unit query vectors of the index dimension (no encoder in the loop)."""
+        return await self._timed(self._vector_search(request))
+
+    async def _vector_search(self, request: Request) -> SearchResponse:
         t0 = time.perf_counter()
-        self._authorize(request)
-        req: VectorSearchRequest = self._parse(VectorSearchRequest, await self._body(request))
+        self.guard.authorize(request)
+        req: VectorSearchRequest = self._parse(VectorSearchRequest, await self.guard.read_body(request))
         self._check_k(req.k)
         dim = int(self.settings.index_info["dim"])
         if not 1 <= len(req.vectors) <= self.settings.max_queries:
             raise HTTPException(422, f"vectors: give 1 to {self.settings.max_queries} vectors, got {len(req.vectors)}")
         if any(len(v) != dim for v in req.vectors):
             raise HTTPException(422, f"vectors: every vector must have {dim} numbers")
-        vectors = np.asarray(req.vectors, dtype=np.float32)
-        if not np.isfinite(vectors).all():
-            raise HTTPException(422, "vectors: NaN or infinite values")
-        results = await self._search(vectors, req.k, None)
+        version, results, _ = await self._search(None, req.array(), req.k)
         total = (time.perf_counter() - t0) * 1e3
-        return SearchResponse(results=results, k=req.k, version=self.settings.version,
+        return SearchResponse(results=results, k=req.k, version=version,
                               timing_ms={"encode": 0.0, "search": total, "total": total})
 
 
 # ------------------------------------------------------------------------------------------------------ build_app
-def _version(args: AppArgs, manifest_text: str, encoder: str) -> str:
-    """A label of what is served (index files, encoder), reported by /healthz and every response.
-
-    Serve 2.60 versions deployments itself: every ``serve.run`` of a rebuilt app rolls all replicas (new ones start,
-    old ones drain), and ``serve deploy`` rebuilds the app when its args change."""
-    if args.version:
-        return args.version
-    key = json.dumps({"manifest": manifest_text, "encoder": encoder, "run_dir": args.run_dir, "index": args.index,
-                      "mmap": args.mmap, "max_query_tokens": args.max_query_tokens}, sort_keys=True)
-    return hashlib.sha1(key.encode()).hexdigest()[:12]
+def _check_auth(a: AppArgs, token_sha256: str | None) -> None:
+    """Fail closed: no token on a non-loopback host is an error unless ``allow_unauthenticated`` says otherwise."""
+    if token_sha256 is not None:
+        return
+    if not a.allow_unauthenticated:
+        if not is_loopback(a.host):
+            raise ValueError(f"refusing to serve on host {a.host!r} without a bearer token: set the {a.token_env} "
+                             "environment variable (or token_env), or set allow_unauthenticated: true")
+        log.info("serve: no %s set: only loopback clients are served", a.token_env)
+        return
+    log.warning("serve: " + "!" * 20 + " allow_unauthenticated: true: ANYONE who reaches %s can search this index "
+                "(no %s set) " + "!" * 20, a.host, a.token_env)
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
-    """The Serve application for ``args`` (a dict from ``serve run``/``serve deploy``, or :class:`AppArgs`)."""
-    from uae_ray.index.build import MANIFEST
-    from uae_ray.runtime import RunDir
+    """The Serve application for ``args`` (a dict from ``serve run``/``serve deploy``, or :class:`AppArgs`).
+
+    Pins the index version (``args.index_version`` or what ``index/CURRENT`` names now) into every deployment."""
+    from uae_ray.index.versions import current_version
 
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    rd = RunDir(a.run_dir)
-    manifest_name = f"{a.index}/{MANIFEST}"
-    if not rd.dir_complete(a.index):
-        raise FileNotFoundError(f"{rd.path(a.index)}: no complete index (run `uae-ray index` first)")
-    manifest_text = rd.read_text(manifest_name)
-    manifest = json.loads(manifest_text)
+    token_sha256 = token_sha256_from_env(a.token_env)
+    _check_auth(a, token_sha256)
+    from uae_ray.runtime import RunDir
+
+    version = a.index_version or current_version(RunDir(a.run_dir), a.index)
+    _, _, manifest = _load_version(a.run_dir, a.index, version)
+    if manifest.get("version") != version:
+        raise ValueError(f"index/{version}/manifest.json names version {manifest.get('version')!r}")
     encoder = a.encoder or manifest.get("encoder") or ""
     if not encoder:
-        raise ValueError(f"{rd.path(manifest_name)}: no encoder recorded; pass encoder=...")
-    version = _version(a, manifest_text, encoder)
+        raise ValueError(f"index/{version}/manifest.json: no encoder recorded; pass encoder=...")
     pin = {"resources": {a.node_resource: 0.001}} if a.node_resource else {}
-    # a rollout (new index or encoder) starts the new replicas first and lets the old ones drain: no dropped request
+    # a rollout (new index or encoder) starts the new replicas first and lets the old ones drain
     rollout = {"max_surge_percent": a.max_surge_percent, "graceful_shutdown_timeout_s": a.graceful_shutdown_timeout_s}
-    token = os.environ.get(a.token_env)
     settings = RetrieverSettings(
         max_k=a.max_k, max_queries=a.max_queries, max_query_chars=a.max_query_chars, max_body_bytes=a.max_body_bytes,
-        token_env=a.token_env, token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
-        retries=a.retries, version=version,
-        index_info={k: manifest.get(k) for k in ("encoder", "dim", "factory", "num_shards", "vectors", "created_at")},
+        token_env=a.token_env, token_sha256=token_sha256, allow_unauthenticated=a.allow_unauthenticated,
+        request_timeout_s=a.request_timeout_s, version_wait_s=a.version_wait_s, retries=a.retries, version=version,
+        index_info={k: manifest.get(k) for k in ("version", "encoder", "dim", "factory", "num_shards", "vectors",
+                                                 "created_at")},
     )
+    log.info("serve: pinned index version %s (%s vectors, %s shards)", version, manifest.get("vectors"),
+             manifest.get("num_shards"))
     encoder_app = QueryEncoder.options(
         num_replicas=a.encoder_replicas, ray_actor_options={"num_cpus": a.encoder_num_cpus, **pin}, **rollout,
         user_config={"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s},
-    ).bind(a.run_dir, encoder, a.index, a.max_query_tokens)
+    ).bind(a.run_dir, encoder, a.index, version, a.max_query_tokens)
     shards = [
         IndexShard.options(
             name=shard_deployment(s), num_replicas=a.shard_replicas,
             ray_actor_options={"num_cpus": a.shard_num_cpus, **pin}, **rollout,
-        ).bind(a.run_dir, a.index, s, a.mmap)
+        ).bind(a.run_dir, a.index, version, s, a.mmap)
         for s in range(int(manifest["num_shards"]))
     ]
     return Retriever.options(
         num_replicas=a.ingress_replicas, ray_actor_options={"num_cpus": a.ingress_num_cpus, **pin}, **rollout,
     ).bind(encoder_app, shards, settings)
+

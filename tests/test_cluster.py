@@ -48,6 +48,9 @@ def _serve_config_checks(config: dict[str, Any], source: str) -> None:
                 assert a["min_replicas"] <= a["max_replicas"], f"{source}: {d['name']} autoscaling bounds"
         # the token itself never sits in a config file: only the name of the variable that holds it
         assert args.token_env and {k for k in app["args"] if "token" in k.lower()} <= {"token_env"}
+        # the app's fail-closed host check sees the host the proxies really bind, and nothing opts out of it
+        assert args.host == config["http_options"]["host"], f"{source}: args.host != http_options.host"
+        assert args.allow_unauthenticated is False, f"{source}: allow_unauthenticated in a shipped config"
 
 
 def test_launcher_yaml_has_cpu_head_gpu_autoscaling_and_cpu_serving_workers():
@@ -148,3 +151,57 @@ def test_readme_documents_ray_job_submit_for_every_stage():
     for job in sorted((ROOT / "jobs").glob("*.py")):
         assert f"jobs/{job.name}" in readme, f"README does not show how to submit jobs/{job.name}"
     assert "ray job submit" in readme and "serve deploy serve/config.yaml" in readme
+
+
+def _containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_kuberay_clusters_turn_ray_token_auth_on_with_the_token_from_a_secret():
+    """Ray's own auth: without it anyone on the pod network can submit a job to the dashboard (run code)."""
+    docs = _kuberay_docs()
+    specs = {"raycluster": docs["raycluster"]["spec"], "rayjob": docs["rayjob"]["spec"]["rayClusterSpec"],
+             "rayservice": docs["rayservice"]["spec"]["rayClusterConfig"]}
+    for name, spec in specs.items():
+        assert spec.get("authOptions", {}).get("mode") == "token", f"{name}: authOptions.mode is not token"
+        secret = spec["authOptions"].get("secretName")
+        assert secret, f"{name}: authOptions names no Secret"
+        for c in _containers(spec):
+            env = _env(c)
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{name}/{c['name']}: RAY_AUTH_MODE"
+            token = env.get("RAY_AUTH_TOKEN", {})
+            assert "value" not in token, f"{name}/{c['name']}: a literal RAY_AUTH_TOKEN"
+            assert token["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "auth_token"}, f"{name}/{c['name']}"
+        host = spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "127.0.0.1")
+        assert host in ("127.0.0.1", "localhost") or spec["authOptions"]["mode"] == "token"
+
+
+def test_kuberay_serving_pods_take_the_search_token_from_a_secret():
+    docs = _kuberay_docs()
+    service = docs["rayservice"]["spec"]
+    serving = _containers(service["rayClusterConfig"])
+    cluster = docs["raycluster"]["spec"]
+    serving += [c for g in cluster["workerGroupSpecs"] if g["groupName"] == "cpu-serve-workers"
+                for c in g["template"]["spec"]["containers"]]
+    for c in serving:
+        token = _env(c).get("UAE_RAY_TOKEN", {})
+        assert "value" not in token and token["valueFrom"]["secretKeyRef"]["name"], c["name"]
+    config = yaml.safe_load(service["serveConfigV2"])
+    assert config["http_options"]["host"] == "0.0.0.0"  # exposed, so the app must see the token (checked above)
+
+
+def test_launcher_turns_ray_token_auth_on_and_keeps_the_dashboard_on_loopback():
+    cfg = _load(CLUSTER / "aws.yaml")
+    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    for cmd in (c for c in starts if "ray start" in c):
+        assert "RAY_AUTH_MODE=token" in cmd and "RAY_AUTH_TOKEN_PATH=" in cmd, cmd
+    head = next(c for c in cfg["head_start_ray_commands"] if "ray start --head" in c)
+    assert "--dashboard-host=127.0.0.1" in head
+    mounts = cfg["file_mounts"]
+    assert any("auth_token" in str(src) for src in mounts.values())  # the token travels as a file, not in YAML
+    assert any("UAE_RAY_TOKEN=" in c for c in cfg["worker_start_ray_commands"])

@@ -14,6 +14,7 @@ from uae_ray.config import ConfigError, IndexConfig, build_config
 from uae_ray.data.schema import CORPUS, CORPUS_SCHEMA, INDEX, INDEX_IDS_SCHEMA
 from uae_ray.index.build import IndexBuildError, build_sharded_index, shard_file
 from uae_ray.index.search import ShardedIndex, check_queries, load_shard, merge_topk
+from uae_ray.index.versions import CURRENT, IndexVersionError, current_version, list_versions, publish
 from uae_ray.runtime import RunDir
 
 
@@ -187,21 +188,26 @@ def test_index_stage_encodes_builds_and_skips_when_current(tmp_path, ray_session
     cfg = IndexConfig(encoder="all-minilm-l6-v2", num_shards=2, pool={"min_size": 1, "max_size": 1, "batch_size": 4})
     summary = index_stage.run(cfg, rd)
     assert summary["skipped"] is False and summary["vectors"] == 18 and summary["dim"] == 384
-    assert rd.dir_complete(INDEX)
-    index = ShardedIndex.load(rd.local_path(INDEX))
+    version = summary["version"]
+    assert current_version(rd, INDEX) == version and list_versions(rd, INDEX) == [version]
+    index = ShardedIndex.load(rd.local_path(INDEX))  # follows index/CURRENT
+    assert index.version == version and index.index_dir == rd.local_path(INDEX) / version
     assert index.manifest["encoder"] == "all-minilm-l6-v2" and index.manifest["source"]["corpus_rows"] == 18
     q = encode(load_encoder("all-minilm-l6-v2"), ["What is the tallest mountain?"])
     _, pids = index.search(q, 3)
     assert {p.split("#")[1] for p in pids[0]} == {"3"}  # the three copies of the Everest passage
     assert sorted(p.split("#")[0] for p in pids[0]) == ["d0", "d1", "d2"]
-    assert (rd.local_path(INDEX) / shard_file(1)).exists()
+    assert (rd.local_path(INDEX) / version / shard_file(1)).exists()
+    passages = pq.read_table(rd.local_path(INDEX) / version / "passages.parquet")  # the version's own texts
+    assert passages.num_rows == 18 and "Everest" in passages.column("text")[3].as_py()
     again = index_stage.run(cfg, rd)
-    assert again["skipped"] is True
+    assert again["skipped"] is True and again["version"] == version
     source = index.manifest["source"]
-    assert index_stage._is_current(rd, cfg, source)
-    assert not index_stage._is_current(rd, cfg.model_copy(update={"num_shards": 3}), source)
-    assert not index_stage._is_current(rd, cfg.model_copy(update={"factory": "HNSW8"}), source)
-    assert not index_stage._is_current(rd, cfg, {**source, "corpus_sha1": "changed"})
+    manifest = index.manifest
+    assert index_stage._is_current(manifest, cfg, source)
+    assert not index_stage._is_current(manifest, cfg.model_copy(update={"num_shards": 3}), source)
+    assert not index_stage._is_current(manifest, cfg.model_copy(update={"factory": "HNSW8"}), source)
+    assert not index_stage._is_current(manifest, cfg, {**source, "corpus_sha1": "changed"})
     # a run-dir encoder ("run:encoder", what train-encoder writes): the actors resolve it on their own node
     import shutil
 
@@ -210,6 +216,84 @@ def test_index_stage_encodes_builds_and_skips_when_current(tmp_path, ray_session
     with rd.staged_dir("encoder") as d:
         shutil.copytree(resolve("all-minilm-l6-v2").path, d, dirs_exist_ok=True)
     own = index_stage.run(cfg.model_copy(update={"encoder": "run:encoder"}), rd)
-    assert own["skipped"] is False and own["vectors"] == 18
+    assert own["skipped"] is False and own["vectors"] == 18 and own["version"] > version
+    assert list_versions(rd, INDEX) == [version, own["version"]]  # the old version stays, untouched
     _, pids2 = ShardedIndex.load(rd.local_path(INDEX)).search(q, 3)
     assert sorted(pids2[0]) == sorted(pids[0])
+    assert ShardedIndex.load(rd.local_path(INDEX)).version == own["version"]
+
+
+def _publish(rd: RunDir, x: np.ndarray, pids: list[str], tag: str, keep: int = 3) -> str:
+    def build(out, version):
+        passages = pa.table({"doc_id": [tag] * len(pids), "text": [f"{tag} {p}" for p in pids]})
+        return build_sharded_index(x, pids, "Flat", 2, out, extra={"version": version}, passages=passages)
+
+    return publish(rd, INDEX, {"tag": tag}, build, keep_versions=keep)[0]
+
+
+def test_index_versions_are_immutable_and_the_pointer_moves(tmp_path, data):
+    """A rebuild writes a new version beside the old one and only moves index/CURRENT: a reader that pinned the
+    old version still reads the old ids, pids and texts (today's in-place rebuild replaced them under it)."""
+    x, pids, queries = data
+    rd = RunDir(tmp_path / "run")
+    v1 = _publish(rd, x[:1000], pids[:1000], "one")
+    old = ShardedIndex.load(rd.local_path(INDEX) / v1)
+    before = old.search(queries, 5)
+    v2 = _publish(rd, x[1000:2000], [f"other{i}" for i in range(1000)], "two")
+    assert v2 > v1 and json.loads((rd.local_path(INDEX) / CURRENT).read_text())["version"] == v2
+    assert ShardedIndex.load(rd.local_path(INDEX)).version == v2  # "the index" follows the pointer
+    again = ShardedIndex.load(rd.local_path(INDEX) / v1)  # the pinned version is unchanged on disk
+    np.testing.assert_array_equal(again.search(queries, 5)[0], before[0])
+    assert again.search(queries, 5)[1] == before[1] and again.version == v1
+    p1 = pq.read_table(rd.local_path(INDEX) / v1 / "passages.parquet").column("text").to_pylist()
+    assert p1[0] == f"one {pids[0]}"
+
+
+def test_old_versions_are_pruned_but_never_the_current_one(tmp_path, data):
+    x, pids, _ = data
+    rd = RunDir(tmp_path / "run")
+    made = [_publish(rd, x[:50], pids[:50], f"t{i}", keep=2) for i in range(4)]
+    assert list_versions(rd, INDEX) == made[-2:] and current_version(rd, INDEX) == made[-1]
+    # point back at an old version (a rollback), then publish with keep=1: the pointed-to version survives
+    rd.write_json(f"{INDEX}/{CURRENT}", {"version": made[2]})
+    assert ShardedIndex.load(rd.local_path(INDEX)).version == made[2]
+    from uae_ray.index.versions import prune
+
+    assert prune(rd, INDEX, 1) == []  # keeps the newest one and the current one, which is not the newest
+    assert list_versions(rd, INDEX) == made[2:]
+    newest = _publish(rd, x[:50], pids[:50], "t5", keep=1)
+    assert list_versions(rd, INDEX) == [newest]
+
+
+def test_missing_or_bad_pointer_is_a_clear_error(tmp_path, data):
+    x, pids, _ = data
+    rd = RunDir(tmp_path / "run")
+    with pytest.raises(IndexVersionError, match="CURRENT: not found"):
+        current_version(rd, INDEX)
+    v = _publish(rd, x[:50], pids[:50], "a")
+    rd.write_json(f"{INDEX}/{CURRENT}", {"version": "20990101T000000000000Z-0123456789"})
+    with pytest.raises(IndexVersionError, match="missing or incomplete index version"):
+        current_version(rd, INDEX)
+    with pytest.raises(IndexVersionError, match="missing or incomplete"):
+        ShardedIndex.load(rd.local_path(INDEX))
+    rd.write_text(f"{INDEX}/{CURRENT}", "{not json")
+    with pytest.raises(IndexVersionError, match="not valid JSON"):
+        current_version(rd, INDEX)
+    assert ShardedIndex.load(rd.local_path(INDEX) / v).version == v
+
+
+def test_index_versions_on_an_object_store(s3_run_uri, data):
+    """On S3 (moto): versions, the pointer, fetch of one version, pruning, and ShardedIndex over a fetched version."""
+    from uae_ray.index.versions import fetch_index, has_index, prune
+
+    x, pids, queries = data
+    rd = RunDir(s3_run_uri)
+    assert not has_index(rd, INDEX)
+    v1 = _publish(rd, x[:500], pids[:500], "one")
+    v2 = _publish(rd, x[500:1000], pids[500:1000], "two")
+    assert has_index(rd, INDEX) and current_version(rd, INDEX) == v2 and list_versions(rd, INDEX) == [v1, v2]
+    version, local = fetch_index(rd, INDEX, v1)  # a pinned older version, fetched whole and verified
+    assert version == v1 and ShardedIndex.load(local).version == v1
+    assert ShardedIndex.load(local).search(queries[:2], 3)[1][0][0] in pids[:500]
+    v3 = _publish(rd, x[:50], pids[:50], "three", keep=2)
+    assert list_versions(rd, INDEX) == [v2, v3] and prune(rd, INDEX, 2) == []

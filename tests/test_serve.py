@@ -1,11 +1,17 @@
-"""The Ray Serve retrieval app over real HTTP on 127.0.0.1:8000: search, bad requests, token, replica kill, rollout.
+"""The Ray Serve retrieval app over real HTTP on 127.0.0.1: search, bad requests, token, body limit, replica kill,
+an index rebuilt in place under a pinned app, rollout, timeout; and `uae-ray serve` itself on 2 CPUs.
 
-One app is deployed for the module (MiniLM encoder, 2 Flat shards x 2 replicas over a small real corpus); the tests
-run in file order and the last one rolls it to a second index while requests keep flowing.
+One app is deployed for the module (MiniLM encoder, 2 Flat shards x 2 replicas over a small real corpus, index
+version v1); the tests run in file order: the rebuild test publishes version v2 into the same run dir while the app
+keeps serving v1, restarts and scales shard replicas, then rolls the app to v2 while requests keep flowing.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -24,9 +30,18 @@ if str(ROOT) not in sys.path:
 from uae_ray.data.schema import CORPUS, CORPUS_SCHEMA, INDEX  # noqa: E402
 from uae_ray.index.build import build_sharded_index  # noqa: E402
 from uae_ray.index.search import ShardedIndex  # noqa: E402
+from uae_ray.index.versions import current_version, publish  # noqa: E402
 from uae_ray.runtime import RunDir  # noqa: E402
 
-URL = "http://127.0.0.1:8000"
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = _free_port()
+URL = f"http://127.0.0.1:{PORT}"
 TOKEN_ENV = "UAE_RAY_TEST_SERVE_TOKEN"
 TOKEN = "test-token-not-a-secret"
 FACTS = [
@@ -41,44 +56,51 @@ FACTS = [
 ]
 
 
-def _make_run(path: Path, tag: str) -> RunDir:
-    from uae_ray.models.encoder import encode, load_encoder
-
-    rd = RunDir(path)
+def _corpus(tag: str) -> pa.Table:
     texts = [f"{t} [{tag} {i // len(FACTS)}]" for i, t in enumerate(FACTS * 3)]
     n = len(texts)
     pids = [f"{tag}-d{i // len(FACTS)}#{i % len(FACTS)}" for i in range(n)]
-    rd.write_table(CORPUS, pa.table(
-        {"pid": pids, "doc_id": [p.split("#")[0] for p in pids], "title": [None] * n, "text": texts,
-         "n_tokens": [16] * n},
-        schema=CORPUS_SCHEMA,
-    ))
-    vectors = encode(load_encoder("all-minilm-l6-v2"), texts)
-    with rd.staged_dir(INDEX) as out:
-        build_sharded_index(vectors, pids, "Flat", 2, out, encoder="all-minilm-l6-v2")
+    return pa.table({"pid": pids, "doc_id": [p.split("#")[0] for p in pids], "title": [None] * n, "text": texts,
+                     "n_tokens": [16] * n}, schema=CORPUS_SCHEMA)
+
+
+def _publish(rd: RunDir, tag: str) -> str:
+    """Write corpus.parquet for ``tag`` (in place) and publish an index version of it; returns the version."""
+    from uae_ray.models.encoder import encode, load_encoder
+
+    corpus = _corpus(tag)
+    rd.write_table(CORPUS, corpus)
+    vectors = encode(load_encoder("all-minilm-l6-v2"), corpus.column("text").to_pylist())
+
+    def build(out, version):
+        return build_sharded_index(vectors, corpus.column("pid").to_pylist(), "Flat", 2, out,
+                                   encoder="all-minilm-l6-v2", extra={"version": version},
+                                   passages=corpus.select(["doc_id", "text"]))
+
+    return publish(rd, INDEX, {"tag": tag}, build)[0]
+
+
+def _args(rd: RunDir, **more) -> dict:
+    return {"run_dir": rd.uri, "shard_replicas": 2, "encoder_num_cpus": 0.5, "shard_num_cpus": 0.1, "max_batch_size": 8,
+            "ingress_num_cpus": 0.1, "token_env": TOKEN_ENV, "max_k": 50, "max_body_bytes": 65536, **more}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> RunDir:
+    rd = RunDir(tmp_path_factory.mktemp("serve") / "run")
+    _publish(rd, "v1")
     return rd
 
 
-def _args(rd: RunDir) -> dict:
-    return {"run_dir": rd.uri, "shard_replicas": 2, "encoder_num_cpus": 0.5, "shard_num_cpus": 0.1, "max_batch_size": 8,
-            "ingress_num_cpus": 0.1, "token_env": TOKEN_ENV, "max_k": 50, "max_body_bytes": 65536}
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[RunDir, RunDir]:
-    base = tmp_path_factory.mktemp("serve")
-    return _make_run(base / "v1", "v1"), _make_run(base / "v2", "v2")
-
-
-@pytest.fixture(scope="module")
-def client(ray_session, runs, monkeypatch_module):
+def client(ray_session, run, monkeypatch_module):
     from ray import serve
 
     from serve.app import build_app
 
     monkeypatch_module.setenv(TOKEN_ENV, TOKEN)  # read by build_app on the driver; replicas get only its sha256
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000}, logging_config={"enable_access_log": False})
-    serve.run(build_app(_args(runs[0])), logging_config={"enable_access_log": False})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT}, logging_config={"enable_access_log": False})
+    serve.run(build_app(_args(run)), logging_config={"enable_access_log": False})
     with httpx.Client(base_url=URL, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
         yield c
     serve.shutdown()
@@ -97,13 +119,13 @@ def test_serve_stage_args_are_valid_app_args(tmp_path):
     from uae_ray.stages.serve import app_args, import_app_module
 
     args = AppArgs.model_validate(app_args(ServeConfig(shard_replicas=3, max_k=20), RunDir(tmp_path)))
-    assert (args.shard_replicas, args.max_k, args.encoder) == (3, 20, None)
+    assert (args.shard_replicas, args.max_k, args.encoder, args.index_version) == (3, 20, None, None)
     assert import_app_module().build_app is not None
     with pytest.raises(FileNotFoundError, match="uae-ray index"):
         import_app_module().build_app(args)  # no index in this run dir: a clear error, before any deployment
 
 
-def test_search_matches_in_process_index(client, runs):
+def test_search_matches_in_process_index(client, run):
     from uae_ray.models.encoder import encode, load_encoder
 
     r = client.post("/search", json={"query": "What is the tallest mountain?", "k": 5})
@@ -116,7 +138,8 @@ def test_search_matches_in_process_index(client, runs):
     assert scores == sorted(scores, reverse=True)
     assert set(body["timing_ms"]) == {"encode", "search", "total"}
     # the service returns exactly what the in-process sharded index returns for the same query vector
-    index = ShardedIndex.load(runs[0].local_path(INDEX))
+    index = ShardedIndex.load(run.local_path(INDEX))
+    assert body["version"] == index.version == current_version(run, INDEX)
     ref_scores, ref_pids = index.search(encode(load_encoder("all-minilm-l6-v2"), ["What is the tallest mountain?"]), 5)
     assert [h["pid"] for h in hits] == ref_pids[0]
     np.testing.assert_allclose(scores, ref_scores[0], atol=1e-4)
@@ -172,53 +195,138 @@ def test_bad_requests_get_4xx_with_a_message_and_the_service_survives(client):
     assert raw.status_code == 422 and "JSON" in raw.json()["detail"]
     vec = client.post("/search/vectors", json={"vectors": [[0.1] * 10], "k": 3})
     assert vec.status_code == 422 and "384" in vec.json()["detail"]
+    # numbers that do not fit a float32: a 422 naming the position (a 300-digit integer was a 500 from numpy)
+    for bad in ("9" * 300, "-" + "9" * 300, "1e39", "NaN", "Infinity", "-Infinity", "1e400"):
+        raw_vec = "[" + ",".join(["0.05"] * 200 + [bad] + ["0.05"] * 183) + "]"
+        r = client.post("/search/vectors", content=f'{{"vectors": [{raw_vec}], "k": 3}}'.encode(),
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 422, (bad[:20], r.status_code, r.text[:300])
+        assert "vectors" in r.json()["detail"], r.text[:300]
     assert client.get("/search").status_code == 405
     # nothing above killed or wedged a replica
     assert client.get("/healthz").json()["status"] == "ok"
     assert client.post("/search", json={"query": "ocean", "k": 1}).status_code == 200
 
 
-def test_bearer_token_guards_search_only(client):
+def test_bearer_token_guards_search_and_health_details(client, run):
     with httpx.Client(base_url=URL, timeout=30) as anon:
         assert anon.post("/search", json={"query": "ocean", "k": 1}).status_code == 401
         wrong = anon.post("/search", json={"query": "ocean"}, headers={"Authorization": "Bearer wrong"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
-        assert anon.get("/healthz").status_code == 200
+        empty = anon.post("/search", json={"query": "ocean"}, headers={"Authorization": "Bearer"})
+        assert empty.status_code == 401
+        # without the token: liveness and the version only, no index manifest
+        assert anon.get("/healthz").json() == {"status": "ok", "version": current_version(run, INDEX)}
+        assert anon.get("/healthz", headers={"Authorization": "Bearer wrong"}).json().keys() == {"status", "version"}
         assert anon.get("/docs").status_code == 200
         paths = anon.get("/openapi.json").json()["paths"]
         assert {"/search", "/search/vectors", "/healthz"} <= set(paths)
+    details = client.get("/healthz").json()
+    assert details["index"]["vectors"] == 24 and details["index"]["dim"] == 384 and details["shards"] == 2
 
 
-def test_vector_endpoint_searches_without_the_encoder(client, runs):
+def _server_pids() -> dict[str, int]:
+    """pid of this cluster's Serve proxy and ingress replica (children of this test process's raylet)."""
+    import psutil
+
+    found = {}
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            title = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith("ray::ProxyActor"):
+            found["proxy"] = p.pid
+        elif title.startswith("ray::ServeReplica:default:Retriever"):
+            found["ingress"] = p.pid
+    return found
+
+
+def _send_chunked(total: int, chunk: int = 65536) -> tuple[int, int, float]:
+    """POST a chunked (no Content-Length) body of up to ``total`` bytes, stopping as soon as a response arrives.
+    Returns (status, bytes sent, seconds)."""
+    import select
+
+    t0 = time.perf_counter()
+    sock = socket.create_connection(("127.0.0.1", PORT), timeout=60)
+    sock.sendall((f"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+    piece = f"{chunk:x}\r\n".encode() + b"x" * chunk + b"\r\n"
+    sent = 0
+    try:
+        while sent < total and not select.select([sock], [], [], 0)[0]:
+            sock.sendall(piece)
+            sent += chunk
+        if sent >= total:
+            sock.sendall(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered and closed: read the answer
+    head = b""
+    while b"\r\n" not in head:
+        data = sock.recv(4096)
+        if not data:
+            break
+        head += data
+    sock.close()
+    return int(head.split(b" ")[1]), sent, time.perf_counter() - t0
+
+
+def test_chunked_oversized_body_gets_a_fast_413_with_flat_memory(client):
+    """300 MB sent chunked (no Content-Length): the ingress counts the body as it streams in and answers 413 at the
+    limit; the old code read the whole body first (hundreds of MB in the proxy and the replica, many seconds)."""
+    import psutil
+
+    pids = _server_pids()
+    assert set(pids) == {"proxy", "ingress"}, pids
+    before = {k: psutil.Process(p).memory_info().rss for k, p in pids.items()}
+    status, sent, seconds = _send_chunked(300 * 2**20)
+    after = {k: psutil.Process(p).memory_info().rss for k, p in pids.items()}
+    growth_mb = {k: (after[k] - before[k]) / 2**20 for k in pids}
+    print(f"chunked 300 MB body: status {status} after {sent / 2**20:.1f} MB sent, {seconds:.2f} s; RSS growth MB "
+          f"{growth_mb}")
+    assert status == 413
+    # what arrives before the 413 is buffered by Serve's HTTP proxy (measured: 21 MB sent, proxy +34 MB, ingress
+    # +8 MB, 0.06 s); the bound is what a slow 413 could let in, far below the 300 MB the old code read whole
+    assert seconds < 10 and sent < 150 * 2**20, (seconds, sent)
+    assert all(g < 128 for g in growth_mb.values()), growth_mb
+    assert client.post("/search", json={"query": "ocean", "k": 1}).status_code == 200  # the service is fine
+
+
+def test_vector_endpoint_searches_without_the_encoder(client, run):
     from uae_ray.models.encoder import encode, load_encoder
 
     q = encode(load_encoder("all-minilm-l6-v2"), ["honey bees"])
     r = client.post("/search/vectors", json={"vectors": q.tolist(), "k": 3})
     assert r.status_code == 200, r.text
-    _, ref_pids = ShardedIndex.load(runs[0].local_path(INDEX)).search(q, 3)
+    _, ref_pids = ShardedIndex.load(run.local_path(INDEX)).search(q, 3)
     assert [h["pid"] for h in r.json()["results"][0]["hits"]] == ref_pids[0]
 
 
 class _Load:
-    """Sequential /search requests in a background thread; counts outcomes."""
+    """Sequential /search requests to 127.0.0.1 in a background thread (at most ``limit``); counts outcomes."""
 
-    def __init__(self, client_headers: dict[str, str]) -> None:
+    def __init__(self, client_headers: dict[str, str], limit: int = 5000) -> None:
+        self.limit = limit
         self.outcomes: Counter[str] = Counter()
         self.versions: Counter[str] = Counter()
         self.ok_at: list[float] = []  # time.monotonic() of each successful response
+        self.answers: list[tuple[str, list[dict]]] = []  # (version, hits) of each successful response
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(client_headers,), daemon=True)
 
     def _run(self, headers: dict[str, str]) -> None:
         with httpx.Client(base_url=URL, headers=headers, timeout=30) as c:
-            while not self._stop.is_set():
+            for _ in range(self.limit):
+                if self._stop.is_set():
+                    return
                 try:
                     r = c.post("/search", json={"query": "largest ocean", "k": 3})
                     ok = r.status_code == 200 and len(r.json()["results"][0]["hits"]) == 3
-                    self.outcomes["ok" if ok else f"http {r.status_code}"] += 1
+                    self.outcomes["ok" if ok else f"http {r.status_code}: {r.text[:200]}"] += 1
                     if ok:
                         self.versions[r.json()["version"]] += 1
                         self.ok_at.append(time.monotonic())
+                        self.answers.append((r.json()["version"], r.json()["results"][0]["hits"]))
                 except httpx.HTTPError as e:
                     self.outcomes[type(e).__name__] += 1
                 time.sleep(0.02)
@@ -273,19 +381,209 @@ def test_killed_shard_replica_is_replaced_and_requests_continue(client):
     assert victims[0] not in _replicas("IndexShard0")
 
 
-def test_rolling_update_to_a_new_index_drops_no_request(client, runs):
+def _reference(rd: RunDir, version: str, query: str, k: int) -> list[tuple[str, str, float]]:
+    """(pid, text, score) of the top k of ``version``, searched in-process with that version's own files."""
+    import pyarrow.parquet as pq
+
+    from uae_ray.models.encoder import encode, load_encoder
+
+    index = ShardedIndex.load(rd.local_path(INDEX) / version)
+    texts = dict(zip(*[pq.read_table(index.index_dir / "passages.parquet").column(c).to_pylist()
+                       for c in ("pid", "text")], strict=True))
+    scores, pids = index.search(encode(load_encoder(index.manifest["encoder"]), [query]), k)
+    return [(p, texts[p], float(s)) for p, s in zip(pids[0], scores[0].tolist(), strict=True)]
+
+
+def _check_answers(rd: RunDir, answers: list[tuple[str, list[dict]]]) -> Counter[str]:
+    """Every answer's pids, texts and scores are those of its own version (never a mix of two)."""
+    refs = {v: _reference(rd, v, "largest ocean", 3) for v in {v for v, _ in answers}}
+    for version, hits in answers:
+        got = [(h["pid"], h["text"], h["score"]) for h in hits]
+        assert [g[:2] for g in got] == [r[:2] for r in refs[version]], (version, got, refs[version])
+        np.testing.assert_allclose([g[2] for g in got], [r[2] for r in refs[version]], atol=1e-4)
+    return Counter(v for v, _ in answers)
+
+
+@pytest.mark.slow
+def test_index_rebuilt_in_place_then_restarts_scaling_and_rollout_never_mix_versions(client, run):
+    """The app pins v1. Under a request loop: publish v2 into the same run dir (new corpus.parquet, new ids -> pids),
+    kill a shard replica (its replacement starts after the rebuild), scale the shards 2 -> 3 replicas: every answer is
+    still v1's, exactly. Then roll the app to v2: no request fails and every answer is wholly v1's or v2's."""
+    import ray
     from ray import serve
 
     from serve.app import build_app
 
-    before = client.get("/healthz").json()["version"]
+    v1 = current_version(run, INDEX)
     with _Load(dict(client.headers)) as load:
         time.sleep(1.0)
-        serve.run(build_app(_args(runs[1])), logging_config={"enable_access_log": False})
+        v2 = _publish(run, "v2")  # rebuilt in place: CURRENT -> v2, corpus.parquet now holds v2's passages
+        assert current_version(run, INDEX) == v2 != v1
+        ray.kill(ray.get_actor(_replicas("IndexShard1")[0], namespace="serve"), no_restart=True)
+        time.sleep(2.0)
+        _wait_running("IndexShard1", 2)
+        scaled = build_app(_args(run, index_version=v1, shard_replicas=3))  # same version, more replicas
+        serve.run(scaled, logging_config={"enable_access_log": False})
+        _wait_running("IndexShard0", 3)
+        _wait_running("IndexShard1", 3)
+        time.sleep(1.0)
+        pinned = list(load.answers)
+        print(f"rebuild in place + restart + scale: outcomes {dict(load.outcomes)}")
+        assert _check_answers(run, pinned).keys() == {v1} and len(pinned) > 20
+        # now roll the app to the new version (what CURRENT names) while requests keep flowing
+        serve.run(build_app(_args(run)), logging_config={"enable_access_log": False})
         time.sleep(2.0)
     after = client.get("/healthz").json()
-    print(f"rolling update: outcomes {dict(load.outcomes)}, versions {dict(load.versions)}")
-    assert after["version"] != before and set(load.versions) == {before, after["version"]}
-    assert set(load.outcomes) == {"ok"}, f"failed requests during the rollout: {dict(load.outcomes)}"
+    versions = _check_answers(run, load.answers)
+    print(f"rollout v1 -> v2: outcomes {dict(load.outcomes)}, versions {dict(versions)}")
+    assert after["version"] == v2 and set(versions) == {v1, v2}
+    assert set(load.outcomes) == {"ok"}, f"failed requests: {dict(load.outcomes)}"
     hits = client.post("/search", json={"query": "tallest mountain", "k": 3}).json()["results"][0]["hits"]
-    assert all(h["pid"].startswith("v2-") for h in hits)
+    assert all(h["pid"].startswith("v2-") and "[v2" in h["text"] for h in hits)
+
+
+@pytest.mark.slow
+def test_a_request_over_request_timeout_s_gets_504(client, run):
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app(_args(run, request_timeout_s=0.001)), logging_config={"enable_access_log": False})
+    r = client.post("/search", json={"queries": [f"question {i} about oceans" for i in range(8)], "k": 5})
+    assert r.status_code == 504 and "longer than 0.001 s" in r.json()["detail"], r.text
+    assert client.get("/healthz").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ fail-closed start-up
+def test_an_empty_token_is_a_startup_error(tmp_path, monkeypatch):
+    from serve.app import build_app
+    from serve.guard import token_sha256_from_env
+
+    monkeypatch.setenv(TOKEN_ENV, "")
+    with pytest.raises(ValueError, match="set but empty"):
+        build_app(_args(RunDir(tmp_path)))
+    monkeypatch.setenv(TOKEN_ENV, "   ")
+    with pytest.raises(ValueError, match="set but empty"):
+        token_sha256_from_env(TOKEN_ENV)  # what every ingress replica runs on its own environment too
+
+
+def test_a_non_loopback_host_without_token_refuses_to_start_unless_allowed(run, monkeypatch, caplog):
+    import logging
+
+    from serve.app import build_app
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ValueError, match="without a bearer token"):
+        build_app(_args(run, host="0.0.0.0"))
+    with caplog.at_level(logging.WARNING, logger="uae_ray.serve"):
+        assert build_app(_args(run, host="0.0.0.0", allow_unauthenticated=True)) is not None
+    assert "allow_unauthenticated" in caplog.text and "ANYONE" in caplog.text
+    assert build_app(_args(run, host="127.0.0.1")) is not None  # loopback, no token: loopback clients only
+
+
+def test_without_a_token_only_loopback_clients_are_answered():
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    from serve.guard import Guard
+
+    def request(client: str) -> Request:
+        return Request({"type": "http", "method": "POST", "path": "/search", "headers": [], "client": (client, 5)})
+
+    guard = Guard(None, 1024, allow_unauthenticated=False)
+    guard.authorize(request("127.0.0.1"))
+    with pytest.raises(HTTPException) as e:
+        guard.authorize(request("10.1.2.3"))
+    assert e.value.status_code == 403
+    Guard(None, 1024, allow_unauthenticated=True).authorize(request("10.1.2.3"))
+
+
+# ------------------------------------------------------------------------------------------------- uae-ray serve
+@pytest.mark.slow
+def test_uae_ray_serve_with_defaults_starts_on_two_cpus_and_answers(tmp_path):
+    """`uae-ray serve` as the README runs it, on a 2-CPU local cluster: its default replicas (1 + 2 x 0.5 + 0.25 CPUs)
+    used to wait forever for 2.25 CPUs; they are fitted to the cluster now."""
+    rd = RunDir(tmp_path / "cli")
+    version = _publish(rd, "cli")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("UAE_RAY_TOKEN", None)
+    env.pop("RAY_ADDRESS", None)
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        cli = Path(sys.executable).with_name("uae-ray")  # the console script, as the README runs it
+        proc = subprocess.Popen(
+            [str(cli), "serve", "--run-dir", rd.uri, "--num-cpus", "2", "--set", f"port={port}"],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 240
+        health = None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
+                break
+            except (httpx.HTTPError, ValueError):
+                time.sleep(2)
+        assert health is not None and health["status"] == "ok", log_path.read_text()[-3000:]
+        assert health["version"] == version  # no token configured: loopback clients are answered (and only they)
+        r = httpx.post(f"http://127.0.0.1:{port}/search", json={"query": "What is the tallest mountain?", "k": 2},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        assert all("Everest" in h["text"] for h in r.json()["results"][0]["hits"])
+        assert "scaled by" in log_path.read_text()  # the fitted CPU requests are logged
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def test_replica_cpu_requests_are_fitted_to_the_cluster():
+    from uae_ray.config import ServeConfig
+    from uae_ray.stages.serve import DEFAULT_CPUS, fit_cpus
+
+    assert fit_cpus(ServeConfig(), 2, 4.0) == DEFAULT_CPUS  # room: the defaults as they are
+    fitted = fit_cpus(ServeConfig(), 2, 2.0)  # 1 + 2 x 0.5 + 0.25 = 2.25 > 2
+    assert fitted["encoder_num_cpus"] + 2 * fitted["shard_num_cpus"] + fitted["ingress_num_cpus"] <= 2.0
+    assert fitted["shard_num_cpus"] > 0.4
+    three = fit_cpus(ServeConfig(shard_replicas=3, encoder_replicas=2), 4, 2.0)
+    assert 2 * three["encoder_num_cpus"] + 12 * three["shard_num_cpus"] + three["ingress_num_cpus"] <= 2.0
+    with pytest.raises(ValueError, match="no CPUs"):
+        fit_cpus(ServeConfig(), 2, 0.0)
+
+
+def test_a_replica_that_did_not_load_the_pinned_version_fails_its_health_check(tmp_path):
+    """A version directory restored under another version's name: build_app refuses it, and a replica pinned to
+    that name loads it but reports unhealthy (Serve then replaces it) instead of serving another version's ids."""
+    import shutil
+
+    import faiss
+
+    from serve.app import IndexShard, build_app
+    from uae_ray.index.versions import CURRENT, new_version
+
+    rd = RunDir(tmp_path / "run")
+    x = np.random.default_rng(0).standard_normal((20, 384)).astype(np.float32)
+    faiss.normalize_L2(x)
+    pids = [f"p{i}" for i in range(20)]
+
+    def build(out, version):
+        return build_sharded_index(x, pids, "Flat", 2, out, encoder="all-minilm-l6-v2", extra={"version": version},
+                                   passages=pa.table({"doc_id": ["d"] * 20, "text": [f"t{i}" for i in range(20)]}))
+
+    good = publish(rd, INDEX, {"n": 20}, build)[0]
+    shard = IndexShard.func_or_class(rd.uri, INDEX, good, 0, True)  # the class itself, no Ray needed
+    shard.check_health()
+    assert shard.search(x[:1], 2)[3] == good
+    other = new_version({"n": 21})
+    shutil.copytree(rd.local_path(INDEX) / good, rd.local_path(INDEX) / other)
+    rd.write_json(f"{INDEX}/{CURRENT}", {"version": other})
+    with pytest.raises(ValueError, match="names version"):
+        build_app({"run_dir": rd.uri})
+    wrong = IndexShard.func_or_class(rd.uri, INDEX, other, 0, True)
+    with pytest.raises(RuntimeError, match="loaded index version"):
+        wrong.check_health()

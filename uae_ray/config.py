@@ -278,6 +278,7 @@ class IndexConfig(StageConfig):
     ef_search: int | None = Field(None, ge=1)  # HNSW efSearch (default 64); in the manifest
     use_gpu: bool | Literal["auto"] = "auto"  # auto: faiss-gpu when faiss sees a GPU (HNSW always builds on CPU)
     pool: ActorPool = ActorPool(batch_size=64)
+    keep_versions: int = Field(3, ge=1)  # index/<version>/ dirs kept (newest; the one CURRENT names never deleted)
 
     @field_validator("factory")
     @classmethod
@@ -336,15 +337,18 @@ class EvaluateConfig(StageConfig):
 class ServeConfig(StageConfig):
     """``uae-ray serve``: QueryEncoder -> IndexShard x S -> Retriever ingress."""
 
-    host: str = "127.0.0.1"  # 0.0.0.0 exposes the service: set a token (token_env) then
+    host: str = "127.0.0.1"  # not loopback: refuses to start without a token unless allow_unauthenticated
     port: int = Field(8000, ge=1, le=65535)
+    index_version: str | None = None  # None: the version index/CURRENT names at start (pinned for the app's life)
     encoder: str | None = None  # None: the encoder recorded in the index manifest (queries match passages)
     shard_replicas: int = Field(1, ge=1)
     encoder_replicas: int = Field(1, ge=1)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_k: int = Field(100, ge=1)
-    token_env: str = "UAE_RAY_TOKEN"  # bearer token read from this environment variable, if set
+    token_env: str = "UAE_RAY_TOKEN"  # bearer token read from this environment variable; set but empty: an error
+    allow_unauthenticated: bool = False  # serve a non-loopback host without a token (logged loudly)
+    request_timeout_s: float = Field(30.0, gt=0)  # per request; a 504 when exceeded
 
 
 class PipelineConfig(StageConfig):

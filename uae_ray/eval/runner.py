@@ -18,6 +18,7 @@ import pyarrow as pa
 from uae_ray.config import EvaluateConfig, LabelConfig
 from uae_ray.data.schema import ENCODER, ENCODER_INFONCE, INDEX, REWARD_MODEL
 from uae_ray.eval.systems import BM25System, Corpus, DenseSystem, RerankSystem, RewardReranker, System
+from uae_ray.index.versions import fetch_index, has_index
 from uae_ray.runtime import RunDir
 
 log = logging.getLogger("uae_ray")
@@ -91,10 +92,10 @@ def build_systems(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corp
             continue
         model = load_encoder(path)
         index = None
-        if name == "uae" and open_corpus and run_dir.dir_complete(INDEX):
+        if name == "uae" and open_corpus and has_index(run_dir, INDEX):
             from uae_ray.index.search import ShardedIndex
 
-            idx = ShardedIndex.load(run_dir.fetch_dir(INDEX))
+            idx = ShardedIndex.load(fetch_index(run_dir, INDEX)[1])  # the version index/CURRENT names
             if idx.manifest.get("encoder") == f"run:{ENCODER}":
                 index = idx
                 out.index_used[name] = f"FAISS {idx.manifest.get('factory')} x {idx.manifest.get('num_shards')}"

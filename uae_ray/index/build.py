@@ -8,6 +8,8 @@ Files written into ``out_dir`` (the caller makes the directory atomic, e.g. with
 
     shard-000.faiss ...  faiss.write_index files (no pickles)
     ids.parquet          id (int64), pid (string), shard (int32)
+    passages.parquet     id, shard, pid, doc_id, text of every vector (when given): what a version serves, so a
+                         later corpus.parquet never changes the text returned for an id of this version
     manifest.json        encoder, dim, factory, shards, vectors, build times, search params, mmap flag
 """
 
@@ -31,6 +33,7 @@ log = logging.getLogger("uae_ray.index")
 
 MANIFEST = "manifest.json"
 IDS = "ids.parquet"
+PASSAGES = "passages.parquet"
 FORMAT_VERSION = 1
 ADD_CHUNK = 65_536
 
@@ -165,6 +168,7 @@ def build_sharded_index(
     search_params: dict[str, int] | None = None,
     seed: int = 0,
     extra: dict[str, Any] | None = None,
+    passages: pa.Table | None = None,
 ) -> dict[str, Any]:
     """Build ``num_shards`` shards of a ``factory`` index over ``vectors`` and write them to ``out_dir``.
 
@@ -179,7 +183,9 @@ def build_sharded_index(
         use_gpu: build on GPU (needs faiss-gpu and a GPU; HNSW stays on CPU).
         search_params: ``{"nprobe": n}`` / ``{"efSearch": n}``; defaults from :func:`default_search_params`.
         seed: training sample seed.
-        extra: more JSON-able manifest fields (e.g. the source fingerprint).
+        extra: more JSON-able manifest fields (e.g. the source fingerprint, the version).
+        passages: optional table with ``doc_id`` and ``text`` columns, one row per vector in the order of
+            ``vectors``; written to ``passages.parquet`` with the ids and shards.
 
     Returns:
         The manifest dict (also written to ``out_dir/manifest.json``).
@@ -208,6 +214,11 @@ def build_sharded_index(
         {"id": global_ids, "pid": pa.array(list(ids), pa.string()), "shard": shard_col}, schema=INDEX_IDS_SCHEMA
     )
     pq.write_table(table, out_dir / IDS)
+    if passages is not None:
+        if passages.num_rows != n:
+            raise IndexBuildError(f"passages: {passages.num_rows} rows for {n} vectors")
+        pq.write_table(table.append_column("doc_id", passages.column("doc_id").cast(pa.string()))
+                       .append_column("text", passages.column("text").cast(pa.string())), out_dir / PASSAGES)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "encoder": encoder,
@@ -226,6 +237,7 @@ def build_sharded_index(
         "built_on": "gpu" if on_gpu else "cpu",
         "faiss_version": faiss.__version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "passages": passages is not None,
         **(extra or {}),
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from uae_ray.index.build import IDS, MANIFEST, shard_file
+from uae_ray.index.versions import resolve_local
 
 MISSING_SCORE = np.float32(-np.inf)
 
@@ -26,7 +27,7 @@ class IndexLoadError(ValueError):
 
 def read_manifest(index_dir: Path) -> dict[str, Any]:
     """The manifest of ``index_dir``; errors name the file."""
-    path = Path(index_dir) / MANIFEST
+    path = resolve_local(Path(index_dir)) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
@@ -60,8 +61,9 @@ def load_shard(index_dir: Path, shard: int, *, mmap: bool = True, manifest: dict
     """
     import faiss
 
+    index_dir = resolve_local(Path(index_dir))
     manifest = manifest or read_manifest(index_dir)
-    path = Path(index_dir) / shard_file(shard)
+    path = index_dir / shard_file(shard)
     if not path.exists():
         raise IndexLoadError(f"{path}: shard file missing ({manifest['num_shards']} shards in the manifest)")
     flags = 0
@@ -79,7 +81,7 @@ def load_shard(index_dir: Path, shard: int, *, mmap: bool = True, manifest: dict
 
 def read_pids(index_dir: Path, manifest: dict[str, Any]) -> np.ndarray:
     """Array of pids indexed by global id (ids are 0..n-1 by construction; checked)."""
-    path = Path(index_dir) / IDS
+    path = resolve_local(Path(index_dir)) / IDS
     if not path.exists():
         raise IndexLoadError(f"{path}: not found")
     table = pq.read_table(path, columns=["id", "pid"]).sort_by("id")
@@ -152,14 +154,22 @@ class ShardedIndex:
 
     @classmethod
     def load(cls, index_dir: Path, *, mmap: bool = True) -> ShardedIndex:
-        """Load every shard of ``index_dir`` (memory-mapped by default) and the id -> pid table."""
-        index_dir = Path(index_dir)
+        """Load every shard of ``index_dir`` (memory-mapped by default) and the id -> pid table.
+
+        ``index_dir`` is a version directory, or an index directory whose ``CURRENT`` pointer names the version
+        (read once: every file comes from that one version), or an index of the old flat layout."""
+        index_dir = resolve_local(Path(index_dir))
         manifest = read_manifest(index_dir)
         shards = [load_shard(index_dir, s, mmap=mmap, manifest=manifest) for s in range(manifest["num_shards"])]
         total = sum(int(s.ntotal) for s in shards)
         if total != manifest["vectors"]:
             raise IndexLoadError(f"{index_dir}: shards hold {total} vectors, manifest says {manifest['vectors']}")
         return cls(manifest=manifest, shards=shards, pids=read_pids(index_dir, manifest), index_dir=index_dir)
+
+    @property
+    def version(self) -> str:
+        """The index version (its directory name; "" for the old flat layout)."""
+        return str(self.manifest.get("version", ""))
 
     @property
     def dim(self) -> int:

@@ -1,14 +1,16 @@
 """``uae-ray index``: encode corpus.parquet with a Ray Data actor pool, then build the sharded FAISS index.
 
-Reads ``corpus.parquet`` and the encoder (``run:encoder`` or a model name); writes ``index/`` atomically
-(shards, ids.parquet, manifest.json). Skips the work when ``index/`` is complete and was built from the same corpus,
-encoder, factory and shard count.
+Reads ``corpus.parquet`` and the encoder (``run:encoder`` or a model name); writes a new immutable version
+``index/<version>/`` (shards, ids.parquet, passages.parquet, manifest.json) atomically, then moves the pointer
+``index/CURRENT`` to it and keeps the newest ``keep_versions`` versions (see :mod:`uae_ray.index.versions`). Skips the
+work when the current version was built from the same corpus, encoder, factory, shard count and search parameters.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ from uae_ray.config import ActorPool, IndexConfig
 from uae_ray.data.schema import CORPUS, INDEX
 from uae_ray.index.build import MANIFEST, build_sharded_index, default_search_params, gpu_available
 from uae_ray.index.source import corpus_fingerprint, encoder_fingerprint, resolve_encoder
+from uae_ray.index.versions import CURRENT, IndexVersionError, current_version, publish
 from uae_ray.runtime import RunDir, ensure_ray
 
 log = logging.getLogger("uae_ray.index")
@@ -69,10 +72,21 @@ def _source(cfg: IndexConfig, corpus: pa.Table, encoder_path: str) -> dict[str, 
     }
 
 
-def _is_current(run_dir: RunDir, cfg: IndexConfig, source: dict[str, Any]) -> bool:
-    if not run_dir.dir_complete(INDEX):
+def _current_manifest(run_dir: RunDir) -> dict[str, Any] | None:
+    """The manifest of the version ``index/CURRENT`` names; None when there is none (or only the old flat layout)."""
+    if not run_dir.exists(f"{INDEX}/{CURRENT}"):
+        return None
+    try:
+        version = current_version(run_dir, INDEX)
+    except IndexVersionError as e:
+        log.warning("index: %s; building a new version", e)
+        return None
+    return run_dir.read_json(f"{INDEX}/{version}/{MANIFEST}")
+
+
+def _is_current(manifest: dict[str, Any] | None, cfg: IndexConfig, source: dict[str, Any]) -> bool:
+    if manifest is None:
         return False
-    manifest = run_dir.read_json(f"{INDEX}/{MANIFEST}")
     return (
         manifest.get("source") == source
         and manifest.get("factory") == cfg.factory
@@ -84,15 +98,17 @@ def _is_current(run_dir: RunDir, cfg: IndexConfig, source: dict[str, Any]) -> bo
 
 def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
     """Encode the corpus and build ``index/``; returns a summary (skipped when the index is current)."""
-    corpus = run_dir.read_table(CORPUS, columns=["pid", "text"])
+    corpus = run_dir.read_table(CORPUS, columns=["pid", "doc_id", "text"])
     if corpus.num_rows == 0:
         raise ValueError(f"{run_dir.path(CORPUS)}: no passages to index")
     encoder_path = resolve_encoder(cfg.encoder, run_dir)
     source = _source(cfg, corpus, encoder_path)
-    if _is_current(run_dir, cfg, source):
-        manifest = run_dir.read_json(f"{INDEX}/{MANIFEST}")
-        log.info("index: %s is current (%d vectors), skipping", run_dir.path(INDEX), manifest["vectors"])
-        return {"skipped": True, "vectors": manifest["vectors"], "num_shards": manifest["num_shards"]}
+    manifest = _current_manifest(run_dir)
+    if manifest is not None and _is_current(manifest, cfg, source):
+        log.info("index: version %s of %s is current (%d vectors), skipping", manifest.get("version"),
+                 run_dir.path(INDEX), manifest["vectors"])
+        return {"skipped": True, "version": manifest.get("version"), "vectors": manifest["vectors"],
+                "num_shards": manifest["num_shards"]}
     use_gpu = gpu_available() > 0 if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
     ensure_ray()
     t0 = time.perf_counter()
@@ -100,8 +116,10 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
     encode_s = time.perf_counter() - t0
     log.info("index: encoded %d passages in %.1f s; building %s x %d", len(vectors), encode_s, cfg.factory,
              cfg.num_shards)
-    with run_dir.staged_dir(INDEX) as out:
-        manifest = build_sharded_index(
+    params = default_search_params(cfg.factory, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+
+    def build(out: Path, version: str) -> dict[str, Any]:
+        return build_sharded_index(
             vectors,
             corpus.column("pid").to_pylist(),
             cfg.factory,
@@ -110,11 +128,16 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
             encoder=cfg.encoder,
             train_sample=cfg.train_sample,
             use_gpu=use_gpu,
-            search_params=default_search_params(cfg.factory, nprobe=cfg.nprobe, ef_search=cfg.ef_search),
-            extra={"source": source, "encode_seconds": round(encode_s, 3)},
+            search_params=params,
+            extra={"version": version, "source": source, "encode_seconds": round(encode_s, 3)},
+            passages=corpus.select(["doc_id", "text"]),
         )
+
+    key = {"source": source, "factory": cfg.factory, "num_shards": cfg.num_shards, "search_params": params}
+    version, manifest = publish(run_dir, INDEX, key, build, keep_versions=cfg.keep_versions)
     return {
         "skipped": False,
+        "version": version,
         "vectors": manifest["vectors"],
         "dim": manifest["dim"],
         "factory": manifest["factory"],
@@ -122,5 +145,5 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
         "encode_seconds": round(encode_s, 3),
         "build_seconds": manifest["build_seconds"],
         "built_on": manifest["built_on"],
-        "index_dir": run_dir.path(INDEX),
+        "index_dir": run_dir.path(f"{INDEX}/{version}"),
     }

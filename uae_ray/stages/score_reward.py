@@ -20,8 +20,9 @@ REPORT = "score_reward_report.json"
 
 
 def _fingerprint(run_dir: RunDir) -> str:
-    """Identifies the trained reward model (its training record holds config and the whole loss history)."""
-    return hashlib.sha1(run_dir.read_text(f"{REWARD_MODEL}/training.json").encode()).hexdigest()[:16]
+    """Identifies the trained reward model (its training record holds config and the whole loss history). Read from
+    the committed version (on an object store a directory's files live under its version, not beside the marker)."""
+    return hashlib.sha1((run_dir.fetch_dir(REWARD_MODEL) / "training.json").read_bytes()).hexdigest()[:16]
 
 
 def _pairs(run_dir: RunDir) -> tuple[pa.Table, dict[str, int]]:
