@@ -286,20 +286,26 @@ FACTS = [
 
 
 def _index_run(root: str) -> RunDir:
+    """A run dir with corpus.parquet and a published 2-shard Flat index version of it (MiniLM vectors)."""
     import pyarrow as pa
 
     from uae_ray.index.build import build_sharded_index
+    from uae_ray.index.versions import publish
     from uae_ray.models.encoder import encode, load_encoder
 
     rd = RunDir(root)
     texts = [f"{t} [{i // len(FACTS)}]" for i, t in enumerate(FACTS * 2)]
     pids = [f"d{i // len(FACTS)}#{i % len(FACTS)}" for i in range(len(texts))]
-    rd.write_table(schema.CORPUS, pa.table(
-        {"pid": pids, "doc_id": [p.split("#")[0] for p in pids], "title": [None] * len(texts), "text": texts,
-         "n_tokens": [16] * len(texts)}, schema=schema.CORPUS_SCHEMA))
-    with rd.staged_dir(schema.INDEX) as out:
-        build_sharded_index(encode(load_encoder("all-minilm-l6-v2"), texts), pids, "Flat", 2, out,
-                            encoder="all-minilm-l6-v2")
+    corpus = pa.table({"pid": pids, "doc_id": [p.split("#")[0] for p in pids], "title": [None] * len(texts),
+                       "text": texts, "n_tokens": [16] * len(texts)}, schema=schema.CORPUS_SCHEMA)
+    rd.write_table(schema.CORPUS, corpus)
+    vectors = encode(load_encoder("all-minilm-l6-v2"), texts)
+
+    def build(out: Path, version: str) -> dict[str, Any]:
+        return build_sharded_index(vectors, pids, "Flat", 2, out, encoder="all-minilm-l6-v2",
+                                   extra={"version": version}, passages=corpus.select(["doc_id", "text"]))
+
+    publish(rd, schema.INDEX, {"test": "multinode"}, build)
     return rd
 
 
@@ -350,12 +356,8 @@ def _replica_nodes() -> dict[str, list[str]]:
     return out
 
 
-def test_serve_replicas_on_both_workers_and_a_node_dies_under_load(two_workers: MultiNode, tmp_path: Path) -> None:
-    """Each shard's 2 replicas on the 2 worker nodes; one node dies under load: 0 failed requests.
-
-    The run directory is local here (one disk for every node of this cluster): ``build_app`` on main reads
-    ``index/manifest.json`` directly, which an object-store run dir keeps under the committed version.
-    """
+def test_serve_replicas_on_both_workers_and_a_node_dies_under_load(two_workers: MultiNode, s3_run_uri: str) -> None:
+    """Each shard's 2 replicas on the 2 worker nodes; one node dies under load: 0 failed requests."""
     import sys
 
     import httpx
@@ -365,7 +367,7 @@ def test_serve_replicas_on_both_workers_and_a_node_dies_under_load(two_workers: 
         sys.path.insert(0, str(ROOT))
     from serve.app import build_app
 
-    rd = _index_run(str(tmp_path / "run"))
+    rd = _index_run(s3_run_uri)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     # one HTTP proxy, on the head: every node of this cluster has the address 127.0.0.1, so proxies on the worker
@@ -398,7 +400,7 @@ def test_serve_replicas_on_both_workers_and_a_node_dies_under_load(two_workers: 
               f"{max(after):.2f} s")
         assert set(load.outcomes) == {"ok"}, f"failed requests while a node died: {dict(load.outcomes)}"
         assert len(after) >= 20
-        retried = httpx.get(f"{url}/healthz", timeout=30).json()["retried_calls"]
+        retried = httpx.get(f"{url}/healthz", timeout=30).json().get("retried_calls")
         print(f"serve: backend calls the ingress retried itself: {retried}")
     finally:
         serve.shutdown()
