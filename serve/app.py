@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.api import AppArgs, QueryResult, RetrieverSettings, SearchRequest, SearchResponse, VectorSearchRequest
 from serve.guard import Guard, is_loopback, token_sha256_from_env
+from uae_ray.config import ConfigError
 from uae_ray.data.schema import CORPUS
 
 log = logging.getLogger("uae_ray.serve")
@@ -340,18 +341,25 @@ class Retriever:
 
 
 # ------------------------------------------------------------------------------------------------------ build_app
-def _check_auth(a: AppArgs, token_sha256: str | None) -> None:
-    """Fail closed: no token on a non-loopback host is an error unless ``allow_unauthenticated`` says otherwise."""
+def check_auth(host: str, token_env: str, allow_unauthenticated: bool) -> str | None:
+    """Fail closed, before anything starts: the sha256 of the bearer token in ``token_env`` (None: no token).
+
+    Raises:
+        ConfigError: the variable is set but empty, or ``host`` is not loopback and there is no token while
+            ``allow_unauthenticated`` is off.
+    """
+    token_sha256 = token_sha256_from_env(token_env)
     if token_sha256 is not None:
-        return
-    if not a.allow_unauthenticated:
-        if not is_loopback(a.host):
-            raise ValueError(f"refusing to serve on host {a.host!r} without a bearer token: set the {a.token_env} "
-                             "environment variable (or token_env), or set allow_unauthenticated: true")
-        log.info("serve: no %s set: only loopback clients are served", a.token_env)
-        return
+        return token_sha256
+    if not allow_unauthenticated:
+        if not is_loopback(host):
+            raise ConfigError(f"refusing to serve on host {host!r} without a bearer token: set the {token_env} "
+                              "environment variable (or token_env), or set allow_unauthenticated: true")
+        log.info("serve: no %s set: only loopback clients are served", token_env)
+        return None
     log.warning("serve: " + "!" * 20 + " allow_unauthenticated: true: ANYONE who reaches %s can search this index "
-                "(no %s set) " + "!" * 20, a.host, a.token_env)
+                "(no %s set) " + "!" * 20, host, token_env)
+    return None
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
@@ -361,8 +369,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     from uae_ray.index.versions import current_version
 
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    token_sha256 = token_sha256_from_env(a.token_env)
-    _check_auth(a, token_sha256)
+    token_sha256 = check_auth(a.host, a.token_env, a.allow_unauthenticated)
     from uae_ray.runtime import RunDir
 
     version = a.index_version or current_version(RunDir(a.run_dir), a.index)

@@ -14,6 +14,8 @@ import os
 
 from fastapi import HTTPException, Request
 
+from uae_ray.config import ConfigError
+
 
 def token_sha256_from_env(var: str) -> str | None:
     """sha256 (hex) of the bearer token in environment variable ``var``; None when it is not set.
@@ -25,7 +27,7 @@ def token_sha256_from_env(var: str) -> str | None:
     if token is None:
         return None
     if not token.strip():
-        raise ValueError(f"environment variable {var} is set but empty: set a real bearer token or unset it")
+        raise ConfigError(f"environment variable {var} is set but empty: set a real bearer token or unset it")
     return hashlib.sha256(token.strip().encode()).hexdigest()
 
 

@@ -115,8 +115,6 @@ def test_mine_document_scope_gold_and_rerun(ray_session, tmp_path) -> None:
     qv = encode(model, ["Who was the first person on the Moon?"])
     pv = encode(model, [TOPICS["moon"][1]])
     assert per_q["q-moon"][0]["base_score"] == pytest.approx(float(qv[0] @ pv[0]), abs=1e-2)
-    again = mine.run(cfg, rd)
-    assert again["up_to_date"] is True
 
 
 @pytest.mark.slow

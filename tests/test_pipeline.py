@@ -3,12 +3,20 @@ demo config end to end (slow: needs every stage)."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
-from uae_ray.config import load_pipeline_config
+from uae_ray.config import (
+    ConfigError,
+    MineConfig,
+    TrainEncoderConfig,
+    load_pipeline_config,
+    load_stage_config,
+)
 from uae_ray.data import schema as S
 from uae_ray.runtime import RunDir
 from uae_ray.stages import pipeline
@@ -64,7 +72,8 @@ def test_markers_skip_stale_and_resume(tmp_path: Path):
     # a crash leaves the marker 'running' with the same config and upstream: the step resumes (outputs kept)
     (rd.local_path("pipeline") / "prepare.json").write_text(json.dumps({**new_marker, "status": "running"}))
     crashed = pipeline.read_marker(rd, "prepare")
-    assert pipeline.step_state(crashed, pipeline.staleness(steps["prepare"], crashed, {})) == "resume"
+    source = pipeline.source_fingerprint(steps["prepare"], rd)  # the input files, unchanged
+    assert pipeline.step_state(crashed, pipeline.staleness(steps["prepare"], crashed, {}, source)) == "resume"
     resumed = pipeline.run(changed, rd, until="prepare")
     assert resumed["prepare"]["state"] == "resume"
 
@@ -96,19 +105,124 @@ def test_config_changes_new_fields_are_no_change_changed_defaults_are():
     assert pipeline.config_changes(None, label.config) == ["<config>"]
 
 
-def test_labels_survive_upstream_changes():
+def test_stale_label_step_keeps_its_caches(tmp_path: Path):
+    """A stale label step (its config or upstream changed) removes only its report, never the label caches (valid
+    row by row); every other step removes all it wrote."""
     steps = {s.name: s for s in pipeline.plan(_cfg())}
     label = steps["label"]
+    assert set(label.stage.keep) == {S.UTILITIES, S.LABEL_SKIPPED, S.LABEL_BASELINE}
+    assert label.removable == (S.LABEL_REPORT,)
+    assert steps["mine"].removable == steps["mine"].outputs == (S.CANDIDATES, S.MINE_REPORT)
+    rd = RunDir(tmp_path / "run")
+    for name in (f"{S.UTILITIES}/part-000000.parquet", S.LABEL_BASELINE, S.LABEL_REPORT):
+        rd.write_text(name, "x")
     other = label.config.model_copy(update={"rows_per_batch": label.config.rows_per_batch + 1})
-    marker = {"config": label.config.model_dump(mode="json"), "upstream": {"mine": "old"}}
-    # label: upstream changed, same config -> keep the utilities; config changed -> remove them
-    assert pipeline.staleness(label, marker, {"mine": "new"}) == ["upstream mine"]
-    assert pipeline.stale_outputs(label, marker) == ()
-    assert pipeline.stale_outputs(label, {**marker, "config": other.model_dump(mode="json")}) == label.outputs
-    assert pipeline.stale_outputs(label, None) == label.outputs
-    # every other step starts over
-    mine = steps["mine"]
-    assert pipeline.stale_outputs(mine, {"config": mine.config.model_dump(mode="json")}) == mine.outputs
+    rd.write_json("pipeline/label.json", {"status": "done", "run_id": "old", "config": other.model_dump(mode="json"),
+                                         "upstream": {"mine": None}})
+    state, why, _ = pipeline.decide(label, rd, {"mine": None})
+    assert (state, why) == ("stale", ["rows_per_batch"])
+    for out in label.removable:
+        pipeline.remove_output(rd, out)
+    assert rd.exists(f"{S.UTILITIES}/part-000000.parquet") and rd.exists(S.LABEL_BASELINE)
+    assert not rd.exists(S.LABEL_REPORT)
+
+
+def test_stage_list_exists_once():
+    """The CLI's subcommands, the config file's sections and the pipeline's steps all come from the registry."""
+    from uae_ray import config
+    from uae_ray.cli import build_parser
+    from uae_ray.stages import registry
+
+    sub = next(a for a in build_parser()._actions if a.dest == "stage")
+    assert list(sub.choices) == [*registry.STAGES, "run"]
+    for name, stage in registry.STAGES.items():
+        assert sub.choices[name].description is None and stage.config.__doc__  # help from the config docstring
+    assert config.STAGE_CONFIGS is registry.STAGE_CONFIGS
+    assert {n: s.config for n, s in registry.STAGES.items()} == config.STAGE_CONFIGS
+    assert config.PipelineConfig is registry.PipelineConfig
+    fields = registry.PipelineConfig.model_fields
+    assert [f.alias or n for n, f in fields.items()] == [s.name for s in registry.STEPS]
+    assert [s.name for s in pipeline.plan(_cfg())] == [s.name for s in registry.STEPS]
+    assert {s.cli_stage for s in pipeline.plan(_cfg())} == {n for n, s in registry.STAGES.items() if s.writes}
+    until = next(a for a in sub.choices["run"]._actions if a.dest == "until")
+    assert list(until.choices) == list(dict.fromkeys(s.stage for s in registry.STEPS))
+    for stage in registry.STAGES.values():  # each stage module runs, and each writing stage has its Ray job script
+        assert callable(importlib.import_module(f"uae_ray.stages.{stage.module}").run)
+        assert not stage.writes or (ROOT / "jobs" / f"{stage.module}.py").is_file()
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/../../b", "/tmp/x", "~/x", "s3://bucket/x", "a//b", "./x",
+                                 "corpus.parquet", "pipeline", "index/x"])
+def test_output_names_stay_inside_the_run_dir(bad: str):
+    with pytest.raises(ConfigError, match=r"(?s)train-encoder\].*output"):
+        load_stage_config(TrainEncoderConfig, "train-encoder", None, [f"output={bad!r}" if bad else "output=''"])
+    with pytest.raises(ConfigError, match="output"):
+        _cfg(f"train-encoder-ablation.output={bad!r}" if bad else "train-encoder-ablation.output=''")
+    assert load_stage_config(TrainEncoderConfig, "train-encoder", None, ["output=models/enc2"]).output == "models/enc2"
+
+
+def test_removal_refuses_paths_outside_the_run_dir(tmp_path: Path):
+    rd = RunDir(tmp_path / "run")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "run" / "link").symlink_to(tmp_path)
+    for name in ("", "..", "../victim.txt", str(victim), "link/victim.txt"):
+        with pytest.raises(ValueError, match="refusing to remove"):
+            pipeline.remove_output(rd, name)
+    assert victim.read_text() == "keep me" and (tmp_path / "run").is_dir()
+    rd.write_text("encoder_report.json", "{}")
+    pipeline.remove_output(rd, "encoder_report.json")
+    assert not rd.exists("encoder_report.json")
+
+
+def test_standalone_stage_uses_the_pipeline_markers(tmp_path: Path, caplog):
+    """`uae-ray prepare` on its own: the marker `uae-ray run` reads; current -> skipped, changed -> stale with the
+    reason, --force -> rerun, an edited input file -> stale; and `uae-ray run` sees the standalone's marker."""
+    caplog.set_level(logging.INFO, logger="uae_ray")
+    data = tmp_path / "demo.jsonl"
+    data.write_bytes(DEMO_DATA.read_bytes())
+    pipe = _cfg(f"prepare.inputs=[{{path: {data}}}]", "prepare.max_docs_per_split=3")
+    cfg = pipe.prepare
+    rd = RunDir(tmp_path / "run")
+    first = pipeline.run_stage("prepare", cfg, rd)
+    assert first["state"] == "new" and rd.exists(S.CORPUS)
+    mtime = rd.local_path(S.CORPUS).stat().st_mtime_ns
+    caplog.clear()
+    again = pipeline.run_stage("prepare", cfg, rd)
+    assert again["state"] == "current" and again["summary"] == first["summary"]
+    assert "prepare: current, skipped" in caplog.text
+    assert rd.local_path(S.CORPUS).stat().st_mtime_ns == mtime
+    forced = pipeline.run_stage("prepare", cfg, rd, force=True)
+    assert forced["state"] == "forced" and rd.local_path(S.CORPUS).stat().st_mtime_ns != mtime
+    caplog.clear()
+    changed = pipeline.run_stage("prepare", cfg.model_copy(update={"max_passage_tokens": 64}), rd)
+    assert changed["state"] == "stale" and changed["why"] == ["max_passage_tokens"]
+    assert "prepare: stale: max_passage_tokens changed, rerunning" in caplog.text
+    data.write_text(data.read_text() + "\n")  # the input file changed (size, mtime)
+    edited_cfg = cfg.model_copy(update={"max_passage_tokens": 64})
+    edited = pipeline.run_stage("prepare", edited_cfg, rd)
+    assert edited["state"] == "stale" and edited["why"] == ["inputs"]
+    # the whole pipeline reads the same marker: its prepare step is current
+    pipe = pipe.model_copy(update={"prepare": edited_cfg})
+    assert pipeline.run(pipe, rd, until="prepare")["prepare"]["state"] == "current"
+    # a standalone mine after it: upstream changed = prepare's marker now holds another run id
+    mine = pipeline.step_for("mine", MineConfig(), rd)
+    rd.write_json("pipeline/mine.json", {"status": "done", "run_id": "m1", "config": MineConfig().model_dump(
+        mode="json"), "upstream": {"prepare": "an-older-prepare-run"}})
+    assert pipeline.decide(mine, rd, pipeline.marker_run_ids(mine, rd))[:2] == ("stale", ["upstream prepare"])
+
+
+def test_step_for_train_encoder_outputs(tmp_path: Path):
+    rd = RunDir(tmp_path / "run")
+    assert pipeline.step_for("train-encoder", TrainEncoderConfig(), rd).name == "train-encoder"
+    abl = pipeline.step_for("train-encoder", TrainEncoderConfig(loss="infonce", output="encoder_infonce"), rd)
+    assert abl.name == "train-encoder-ablation" and abl.upstream == ("mine",)
+    other = pipeline.step_for("train-encoder", TrainEncoderConfig(output="encoder_kl", loss="kl"), rd)
+    assert other.name == "train-encoder-encoder_kl" and other.upstream == ("score-reward",)
+    # a pipeline whose train-encoder writes enc2: its marker lists that output, so a standalone run finds it
+    rd.write_json("pipeline/train-encoder.json", {"outputs": list(pipeline.step_for(
+        "train-encoder", TrainEncoderConfig(output="enc2"), rd).outputs)})
+    assert pipeline.step_for("train-encoder", TrainEncoderConfig(output="enc2"), rd).name == "train-encoder"
 
 
 def test_until_must_name_a_step(tmp_path: Path):

@@ -108,6 +108,38 @@ def test_checkpoint_roundtrip_restores_model_optimizer_and_state(tmp_path):
         load_checkpoint(tmp_path, model2, opt2)
 
 
+def test_checkpoint_of_another_config_is_never_resumed(tmp_path, caplog):
+    """A checkpoint records the fingerprint of the settings and examples it trained on: the same ones resume it,
+    another lr, other examples or a checkpoint without a fingerprint start from step 0 and leave the model alone."""
+    from uae_ray.training.checkpoint import resume_state, training_fingerprint
+
+    cfg = TrainEncoderConfig(lr=2e-4, scaling=TWO).model_dump()
+    examples = [{"qid": "q1", "pids": ["a", "b"]}]
+    fp = training_fingerprint(cfg, examples)
+    # where and how often a run checkpoints is not what it trains
+    assert training_fingerprint({**cfg, "checkpoint_every_steps": 5, "output": "enc2",
+                                 "scaling": {**cfg["scaling"], "cpus_per_worker": 2.0}}, examples) == fp
+    other_lr = training_fingerprint({**cfg, "lr": 1e-3}, examples)
+    assert other_lr != fp and training_fingerprint(cfg, [*examples, {"qid": "q2"}]) != fp
+    assert training_fingerprint({**cfg, "scaling": {**cfg["scaling"], "num_workers": 4}}, examples) != fp
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, model, opt, TrainState(epoch=1, global_step=7, config_fingerprint=fp))
+    fresh = torch.nn.Linear(4, 2)
+    before = fresh.weight.detach().clone()
+    state = resume_state(tmp_path, fresh, torch.optim.AdamW(fresh.parameters(), lr=0.1), other_lr)
+    assert (state.global_step, state.resumed_from, state.config_fingerprint) == (0, [], other_lr)
+    assert torch.equal(fresh.weight, before) and "not resumed" in caplog.text
+    state = resume_state(tmp_path, fresh, torch.optim.AdamW(fresh.parameters(), lr=0.1), fp)
+    assert (state.global_step, state.resumed_from) == (7, [7]) and torch.equal(fresh.weight, model.weight)
+    save_checkpoint(tmp_path, model, opt, TrainState(global_step=3))  # written before fingerprints existed
+    assert resume_state(tmp_path, torch.nn.Linear(4, 2), opt, fp).global_step == 0
+
+
 # -------------------------------------------------------------------------------------- Ray Train (2 gloo workers)
 def _epoch_means(history: list[dict]) -> list[float]:
     epochs = sorted({h["epoch"] for h in history})
@@ -129,7 +161,7 @@ def trained_reward_run(ray_session, tmp_path_factory):
 def test_train_reward_two_workers_lowers_loss_and_writes_model(trained_reward_run):
     from uae_ray.models.reward import load_reward_model, score_pairs
 
-    rd, cfg, summary = trained_reward_run
+    rd, _, summary = trained_reward_run
     assert rd.dir_complete(schema.REWARD_MODEL)
     train_log = json.loads((rd.local_path(schema.REWARD_MODEL) / "training.json").read_text())["state"]
     means = _epoch_means(train_log["history"])
@@ -144,10 +176,6 @@ def test_train_reward_two_workers_lowers_loss_and_writes_model(trained_reward_ru
                     ["The Zorblat is a rare creature whose feathers are blue in every season.",
                      "Scientists catalogued the Quimble in the year 1807 after a long expedition."], max_length=48)
     assert s.shape == (2,) and np.isfinite(s).all()
-    # a rerun is a no-op
-    from uae_ray.stages import train_reward
-
-    assert "skipped" in train_reward.run(cfg, rd)
 
 
 @pytest.mark.slow
@@ -167,7 +195,6 @@ def test_score_reward_scores_every_candidate(trained_reward_run):
     t = {r["pid"]: r["text"] for r in rd.read_table(schema.CORPUS).to_pylist()}[row["pid"]]
     model, tok = load_reward_model(str(rd.local_path(schema.REWARD_MODEL)))
     assert score_pairs(model, tok, [q], [t], max_length=48)[0] == pytest.approx(row["teacher_score"], abs=1e-4)
-    assert "skipped" in score_reward.run(ScoreRewardConfig(max_length=48), rd)
 
 
 def _encoder_cfg(**kw) -> TrainEncoderConfig:

@@ -33,6 +33,37 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def run_dir_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an entry of the run directory (None when it can): it must be a relative path of
+    plain segments that stays inside the run directory, so writing or removing it never touches anything else."""
+    if not isinstance(name, str) or not name.strip():
+        return "is empty"
+    if "://" in name or name.startswith(("/", "~")) or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        return "must be a name inside the run directory, not an absolute path or URI"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "has an empty, '.' or '..' segment (it must stay inside the run directory)"
+    if any(ch in name for ch in "\0\n\r\t") or name != name.strip():
+        return "has control characters or surrounding spaces"
+    return None
+
+
+def _output_name(value: str) -> str:
+    """A configured output name: inside the run directory and none of the names the stages write (see
+    :mod:`uae_ray.data.schema`)."""
+    from uae_ray.data import schema as S
+    from uae_ray.storage import LEASE_FILE
+
+    problem = run_dir_name_problem(value)
+    if problem:
+        raise ValueError(f"output {value!r} {problem}")
+    reserved = {S.CORPUS, S.QUERIES, S.PREPARE_REPORT, S.CANDIDATES, S.MINE_REPORT, S.UTILITIES, S.LABEL_REPORT,
+                S.LABEL_SKIPPED, S.LABEL_BASELINE, S.REWARD_MODEL, S.REWARD_REPORT, S.TEACHER_SCORES, S.CHECKPOINTS,
+                S.INDEX, S.EVAL, "pipeline", LEASE_FILE}
+    if value.split("/")[0] in reserved:
+        raise ValueError(f"output {value!r} would overwrite the run directory's {value.split('/')[0]!r}")
+    return value
+
+
 # --------------------------------------------------------------------------------------------------------- prepare
 class InputSpec(StageConfig):
     """One input file, optionally tagged with the split all its records belong to."""
@@ -265,6 +296,11 @@ class TrainEncoderConfig(StageConfig):
     seed: int = 13
     scaling: TrainScaling = TrainScaling()
 
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        return _output_name(v)
+
 
 # ----------------------------------------------------------------------------------------------------------- index
 class IndexConfig(StageConfig):
@@ -351,35 +387,34 @@ class ServeConfig(StageConfig):
     request_timeout_s: float = Field(30.0, gt=0)  # per request; a 504 when exceeded
 
 
-class PipelineConfig(StageConfig):
-    """``uae-ray run``: every stage's section; absent sections take defaults."""
+# --------------------------------------------------------------------------------------------------------- storage
+class StorageConfig(StageConfig):
+    """Where an ``s3://`` run directory lives (the config file's top-level ``storage`` section). No credentials here,
+    ever: each node takes them from its own environment. Unset fields fall back to ``AWS_ENDPOINT_URL`` /
+    ``AWS_REGION``."""
 
-    prepare: PrepareConfig
-    mine: MineConfig = MineConfig()
-    label: LabelConfig = LabelConfig()
-    train_reward: TrainRewardConfig = Field(TrainRewardConfig(), alias="train-reward")
-    score_reward: ScoreRewardConfig = Field(ScoreRewardConfig(), alias="score-reward")
-    train_encoder: TrainEncoderConfig = Field(TrainEncoderConfig(), alias="train-encoder")
-    train_encoder_ablation: TrainEncoderConfig | None = Field(
-        TrainEncoderConfig(loss="infonce", output="encoder_infonce"), alias="train-encoder-ablation"
-    )
-    index: IndexConfig = IndexConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
+    endpoint_url: str | None = None  # http(s)://host:port of MinIO, Ceph RGW, ...; None: AWS_ENDPOINT_URL or AWS
+    region: str | None = None
+    path_style: bool = True  # host/bucket/key addressing (MinIO, most on-premise stores); False: bucket.host/key
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint_url must start with http:// or https://, got {v!r}")
+        return v
 
 
-STAGE_CONFIGS: dict[str, type[StageConfig]] = {
-    "prepare": PrepareConfig,
-    "mine": MineConfig,
-    "label": LabelConfig,
-    "train-reward": TrainRewardConfig,
-    "score-reward": ScoreRewardConfig,
-    "train-encoder": TrainEncoderConfig,
-    "index": IndexConfig,
-    "evaluate": EvaluateConfig,
-    "serve": ServeConfig,
-}
+#: top-level keys of a config file that are not stage sections
+RUN_SETTINGS = ("run_dir", "address", "num_cpus", "storage")
+
+
+def storage_config(config_file: str | Path | None) -> StorageConfig:
+    """The ``storage`` section of ``config_file`` (defaults when absent), validated."""
+    section = read_config_file(config_file).get("storage") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{config_file}: section 'storage' must be a mapping")
+    return build_config(StorageConfig, section, source=f"{config_file} [storage]")
 
 
 # --------------------------------------------------------------------------------------------------------- loading
@@ -455,8 +490,21 @@ def load_stage_config(
     return build_config(cls, section, source=source, overrides=overrides)
 
 
-def load_pipeline_config(config_file: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """The whole pipeline's config; overrides are ``stage.key=value``."""
+def load_pipeline_config(config_file: str | Path, overrides: list[str] | None = None) -> Any:
+    """The whole pipeline's config (:class:`uae_ray.stages.registry.PipelineConfig`, one section per pipeline step);
+    overrides are ``step.key=value``."""
+    from uae_ray.stages.registry import PipelineConfig
+
     data = read_config_file(config_file)
-    data = {k: v for k, v in data.items() if k not in ("run_dir", "address", "num_cpus")}
+    data = {k: v for k, v in data.items() if k not in RUN_SETTINGS}
     return build_config(PipelineConfig, data, source=str(config_file), overrides=overrides)
+
+
+def __getattr__(name: str) -> Any:
+    """``PipelineConfig`` and ``STAGE_CONFIGS`` live in :mod:`uae_ray.stages.registry` (built from the one stage
+    list); importing them from here still works."""
+    if name in ("PipelineConfig", "STAGE_CONFIGS"):
+        from uae_ray.stages import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -109,6 +109,8 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
                  run_dir.path(INDEX), manifest["vectors"])
         return {"skipped": True, "version": manifest.get("version"), "vectors": manifest["vectors"],
                 "num_shards": manifest["num_shards"]}
+    if removed := run_dir.remove_stale_temps(INDEX):  # scratch dirs of a killed build (other writers' only)
+        log.warning("index: removed %d temporary build dir(s) a killed run left in %s", removed, run_dir.path(INDEX))
     use_gpu = gpu_available() > 0 if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
     ensure_ray()
     t0 = time.perf_counter()

@@ -2,8 +2,9 @@
 
 Sequence: corpus and questions encoded by the base encoder on a Ray Data actor pool (``EncodeBatch``, model loaded
 once per actor), FAISS inner-product search per document or over the query's split of the corpus
-(:mod:`uae_ray.mining`), gold passages ensured, optional reward mix from teacher_scores.parquet. Rerunning with the
-same config and inputs does nothing (the report's fingerprint says so).
+(:mod:`uae_ray.mining`), gold passages ensured, optional reward mix from teacher_scores.parquet. Whether it needs
+to run is the pipeline's rule (:func:`uae_ray.stages.pipeline.run_stage`); the report's fingerprint names config
+and inputs.
 """
 
 from __future__ import annotations
@@ -85,11 +86,6 @@ def run(cfg: MineConfig, run_dir: RunDir) -> dict[str, Any]:
     from uae_ray.runtime import ensure_ray
 
     fp = _fingerprint(cfg, run_dir)
-    if run_dir.exists(CANDIDATES) and run_dir.exists(MINE_REPORT):
-        old = run_dir.read_json(MINE_REPORT)
-        if old.get("fingerprint") == fp:
-            log.info("mine: candidates.parquet is up to date (fingerprint %s)", fp)
-            return {**old, "up_to_date": True}
     ensure_ray()
     t0 = time.perf_counter()
     corpus = run_dir.read_table(CORPUS, columns=["pid", "doc_id", "text"])

@@ -188,24 +188,25 @@ def _write_query(cfg: PrepareConfig, source: str, q: Query, windows_of: dict[str
                       gold_pids=list(dict.fromkeys(gold)), split=split)
 
 
-def fingerprint(cfg: PrepareConfig) -> str:
-    """Config plus (path, size, mtime) of each input file (of every file of a local ``hf_dataset`` folder): a rerun
-    with the same value has nothing to do. A hub id counts by name only."""
-    parts: list[Any] = [cfg.model_dump(mode="json", exclude_defaults=True)]  # new fields: same runs
+def input_stamps(cfg: PrepareConfig) -> list[Any]:
+    """(path, size, mtime) of each input file (of every file of a local ``hf_dataset`` folder; a hub id counts by
+    name only): what the pipeline's marker records so that an edited input makes prepare stale."""
     paths = [Path(spec.path).expanduser() for spec in cfg.inputs]
+    stamps: list[Any] = []
     if cfg.hf_dataset and Path(cfg.hf_dataset).expanduser().is_dir():
         paths = sorted(p for p in Path(cfg.hf_dataset).expanduser().rglob("*") if p.is_file())
+    elif cfg.hf_dataset:
+        stamps.append(cfg.hf_dataset)
     for p in paths:
         st = p.stat() if p.exists() else None
-        parts.append([str(p.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None])
+        stamps.append([str(p.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None])
+    return stamps
+
+
+def fingerprint(cfg: PrepareConfig) -> str:
+    """Config plus :func:`input_stamps` (recorded in the report)."""
+    parts: list[Any] = [cfg.model_dump(mode="json", exclude_defaults=True), *input_stamps(cfg)]
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def _is_current(run_dir: RunDir, fp: str) -> dict[str, Any] | None:
-    if not (run_dir.exists(schema.PREPARE_REPORT) and run_dir.exists(schema.CORPUS) and run_dir.exists(schema.QUERIES)):
-        return None
-    report = run_dir.read_json(schema.PREPARE_REPORT)
-    return report if report.get("fingerprint") == fp else None
 
 
 def run(cfg: PrepareConfig, run_dir: RunDir) -> dict[str, Any]:
@@ -214,11 +215,7 @@ def run(cfg: PrepareConfig, run_dir: RunDir) -> dict[str, Any]:
     Raises:
         DataError: unusable input (file, line/record and field in the message); nothing is written then.
     """
-    fp = fingerprint(cfg)
-    done = _is_current(run_dir, fp)
-    if done is not None:
-        log.info("prepare: %s is current (same config and inputs); nothing to do", run_dir.uri)
-        return {**summary(done, run_dir), "up_to_date": True}
+    fp = fingerprint(cfg)  # recorded in the report; whether to run at all is the pipeline's rule (run_stage)
     t0 = time.perf_counter()
     windower = Windower(cfg.tokenizer, cfg.max_passage_tokens, cfg.window_overlap)
     stats, st = LoadStats(), _State()

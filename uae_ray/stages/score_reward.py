@@ -1,5 +1,8 @@
 """``uae-ray score-reward``: score every (query, candidate) pair with the reward model (Ray Data actor pool)
--> teacher_scores.parquet (+ score_reward_report.json)."""
+-> teacher_scores.parquet (+ score_reward_report.json, which names the reward model by its fingerprint).
+
+Whether it needs to run is the pipeline's rule (:func:`uae_ray.stages.pipeline.run_stage`): its step is stale when
+train-reward or mine ran again."""
 
 from __future__ import annotations
 
@@ -46,10 +49,6 @@ def run(cfg: ScoreRewardConfig, run_dir: RunDir) -> dict:
         raise FileNotFoundError(f"{run_dir.path(REWARD_MODEL)} is missing or incomplete: run train-reward first")
     fp = _fingerprint(run_dir)
     n_cands = run_dir.read_table(CANDIDATES, columns=["qid"]).num_rows
-    if run_dir.exists(TEACHER_SCORES) and run_dir.exists(REPORT):
-        prev = run_dir.read_json(REPORT)
-        if prev.get("reward_model") == fp and prev.get("candidates") == n_cands:
-            return {"skipped": "teacher_scores.parquet is current for this reward model", **prev}
     pairs, skips = _pairs(run_dir)
     if skips:
         log.warning("score-reward: skipped candidate rows: %s", skips)

@@ -83,6 +83,12 @@ def app_args(cfg: ServeConfig, run_dir: RunDir, cpus: dict[str, float] | None = 
     }
 
 
+def preflight(cfg: ServeConfig) -> None:
+    """The refusals that need no cluster (an empty token, a non-loopback host without one), checked before Ray
+    starts: :func:`serve.app.check_auth` raises a ConfigError."""
+    import_app_module().check_auth(cfg.host, cfg.token_env, cfg.allow_unauthenticated)
+
+
 def run(cfg: ServeConfig, run_dir: RunDir, *, blocking: bool = True) -> dict[str, Any]:
     """Deploy the app on ``cfg.host:cfg.port`` (127.0.0.1 unless told otherwise); block until interrupted."""
     import ray

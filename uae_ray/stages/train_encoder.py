@@ -1,6 +1,9 @@
 """``uae-ray train-encoder``: distil the teacher into the student bi-encoder with Ray Train (or, with loss=infonce,
 train the gold-only ablation) -> <output>/ (a SentenceTransformer directory), <output>_report.json,
-<output>_train_loss.png."""
+<output>_train_loss.png.
+
+Whether it needs to run at all is the pipeline's rule (:func:`uae_ray.stages.pipeline.run_stage`); here it always
+trains, resuming Ray Train checkpoints only of the same config and examples."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from uae_ray.data.schema import CANDIDATES, CORPUS, QUERIES, TEACHER_SCORES, UTI
 from uae_ray.losses import EncoderLoss
 from uae_ray.runtime import RunDir, ensure_ray
 from uae_ray.training.data import build_encoder_examples
-from uae_ray.training.loop import encoder_train_loop, make_trainer
+from uae_ray.training.loop import encoder_train_loop, loop_config, make_trainer
 from uae_ray.training.report import loss_curve_png
 
 log = logging.getLogger("uae_ray")
@@ -43,9 +46,6 @@ def teacher_table(cfg: TrainEncoderConfig, run_dir: RunDir) -> pa.Table:
 
 def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
     out = cfg.output
-    if run_dir.dir_complete(out) and run_dir.exists(report_name(out)):
-        report = run_dir.read_json(report_name(out))
-        return {"skipped": f"{out}/ and {report_name(out)} exist", "steps": report.get("steps")}
     queries, corpus = run_dir.read_table(QUERIES), run_dir.read_table(CORPUS)
     candidates = run_dir.read_table(CANDIDATES)
     # the gold-only ablation is the plain supervised baseline: no teacher anywhere (negatives by base similarity)
@@ -61,13 +61,9 @@ def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
     log.info("train-encoder (%s): %d queries; %s", cfg.loss, len(examples), counts)
 
     t0 = time.perf_counter()
-    if not run_dir.dir_complete(out):
-        ensure_ray()
-        loop_config = {
-            "cfg": cfg.model_dump(), "examples": [asdict(e) for e in examples], "run_dir": run_dir.uri,
-            "output": out, "checkpoint_every": cfg.checkpoint_every_steps,
-        }
-        make_trainer(encoder_train_loop, loop_config, cfg.scaling, run_dir, f"train_encoder-{out}").fit()
+    ensure_ray()
+    config = loop_config(cfg, [asdict(e) for e in examples], run_dir, out)
+    make_trainer(encoder_train_loop, config, cfg.scaling, run_dir, f"train_encoder-{out}").fit()
     train_s = time.perf_counter() - t0
     state = json.loads((run_dir.fetch_dir(out) / "training.json").read_text())["state"]
     history = state["history"]

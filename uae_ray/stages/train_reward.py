@@ -1,6 +1,9 @@
 """``uae-ray train-reward``: fit the cross-encoder reward model on utilities with Ray Train, then report its ranking
 quality (Spearman, NDCG@10 against utilities) on held-out training documents and on dev -> reward_model/,
-reward_report.json, reward_train_loss.png."""
+reward_report.json, reward_train_loss.png.
+
+Whether it needs to run at all is the pipeline's rule (:func:`uae_ray.stages.pipeline.run_stage`); here it always
+trains, resuming Ray Train checkpoints only of the same config and examples."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from uae_ray.config import TrainRewardConfig
 from uae_ray.data.schema import CANDIDATES, CORPUS, QUERIES, REWARD_MODEL, REWARD_REPORT, UTILITIES
 from uae_ray.runtime import RunDir, ensure_ray
 from uae_ray.training.data import RewardGroup, build_reward_groups, heldout_documents
-from uae_ray.training.loop import make_trainer, reward_train_loop
+from uae_ray.training.loop import loop_config, make_trainer, reward_train_loop
 from uae_ray.training.report import loss_curve_png, pool_scores, ranking_quality
 
 log = logging.getLogger("uae_ray")
@@ -37,9 +40,6 @@ def _score_groups(model: Any, tok: Any, groups: list[RewardGroup], max_length: i
 
 
 def run(cfg: TrainRewardConfig, run_dir: RunDir) -> dict:
-    if run_dir.dir_complete(REWARD_MODEL) and run_dir.exists(REWARD_REPORT):
-        report = run_dir.read_json(REWARD_REPORT)
-        return {"skipped": "reward_model/ and reward_report.json exist", "eval": report.get("eval")}
     queries, corpus = run_dir.read_table(QUERIES), run_dir.read_table(CORPUS)
     utilities = run_dir.read_table(UTILITIES)
     groups, skips = build_reward_groups(queries, corpus, utilities)
@@ -56,13 +56,9 @@ def run(cfg: TrainRewardConfig, run_dir: RunDir) -> dict:
              skips)
 
     t0 = time.perf_counter()
-    if not run_dir.dir_complete(REWARD_MODEL):
-        ensure_ray()
-        loop_config = {
-            "cfg": cfg.model_dump(), "examples": [asdict(g) for g in train], "run_dir": run_dir.uri,
-            "output": REWARD_MODEL, "checkpoint_every": cfg.checkpoint_every_steps,
-        }
-        make_trainer(reward_train_loop, loop_config, cfg.scaling, run_dir, "train_reward").fit()
+    ensure_ray()
+    config = loop_config(cfg, [asdict(g) for g in train], run_dir, REWARD_MODEL)
+    make_trainer(reward_train_loop, config, cfg.scaling, run_dir, "train_reward").fit()
     train_s = time.perf_counter() - t0
     model_dir = run_dir.fetch_dir(REWARD_MODEL)
     state = json.loads((model_dir / "training.json").read_text())["state"]

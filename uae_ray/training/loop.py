@@ -5,8 +5,9 @@ Each ``*_train_loop(config)`` runs on every worker and reads top to bottom: buil
 deterministic per-epoch batches (every step reports its metrics; a checkpoint at every epoch end and every
 ``checkpoint_every`` steps), then rank 0 writes the final model into the run directory atomically.
 
-``config`` (built by the stages): ``cfg`` (the stage config as a dict), ``examples`` (list of dicts),
-``run_dir`` (URI), ``output`` (model directory name), ``checkpoint_every`` (0 = epoch ends only).
+``config`` (built by the stages with :func:`loop_config`): ``cfg`` (the stage config as a dict), ``examples`` (list
+of dicts), ``run_dir`` (URI), ``output`` (model directory name), ``checkpoint_every`` (0 = epoch ends only),
+``fingerprint`` (of config and examples: only a checkpoint with the same one is resumed).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from uae_ray.losses import (
     reward_listwise_loss,
 )
 from uae_ray.runtime import RunDir
-from uae_ray.training.checkpoint import TrainState, load_checkpoint, save_checkpoint, unwrap
+from uae_ray.training.checkpoint import TrainState, resume_state, save_checkpoint, training_fingerprint, unwrap
 from uae_ray.training.data import (
     EncoderExample,
     RewardGroup,
@@ -59,16 +60,23 @@ def _worker_setup(scaling: TrainScaling) -> tuple[int, int, torch.device]:
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
-def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+def loop_config(cfg: TrainEncoderConfig | TrainRewardConfig, examples: list[dict[str, Any]], run_dir: RunDir,
+                output: str) -> dict[str, Any]:
+    """The ``train_loop_config`` of a stage's run, with the fingerprint its checkpoints are recorded under."""
+    dumped = cfg.model_dump()
+    return {"cfg": dumped, "examples": examples, "run_dir": run_dir.uri, "output": output,
+            "checkpoint_every": cfg.checkpoint_every_steps, "fingerprint": training_fingerprint(dumped, examples)}
+
+
+def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str) -> TrainState:
+    """Resume from Ray Train's latest checkpoint when it belongs to this run's config and examples."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return TrainState()
+        return resume_state(None, model, optimizer, fingerprint)
     with ckpt.as_directory() as d:
-        state = load_checkpoint(Path(d), model, optimizer)
-    state.resumed_from.append(state.global_step)
-    return state
+        return resume_state(Path(d), model, optimizer, fingerprint)
 
 
 def _report(
@@ -145,7 +153,7 @@ def reward_train_loop(config: dict[str, Any]) -> None:
 
     model, tok = build_reward_model(cfg.base_model, "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    state = _resume(model, optimizer)
+    state = _resume(model, optimizer, config["fingerprint"])
     model = ray.train.torch.prepare_model(model)
 
     def step(idx: list[int], rng: np.random.Generator) -> torch.Tensor:
@@ -228,7 +236,7 @@ def encoder_train_loop(config: dict[str, Any]) -> None:
     model = build_student(cfg)
     tok = model.tokenizer
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
-    state = _resume(model, optimizer)
+    state = _resume(model, optimizer, config["fingerprint"])
     # BERT's pooler is computed but unused by mean pooling: DDP must tolerate parameters without gradients
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 

@@ -1,0 +1,170 @@
+"""The one list of stages and pipeline steps: the CLI's subcommands, the config file's sections and ``uae-ray run``'s
+steps all come from here.
+
+A :class:`Stage` is a subcommand: its module in :mod:`uae_ray.stages` (``run(cfg, run_dir)``), its config model,
+the run-directory entries it reads (checked before Ray starts) and writes. A :class:`StepSpec` is a step of
+``uae-ray run`` (and the marker ``pipeline/<step>.json`` a standalone stage shares with it): the stage it runs, the
+section of the config file that configures it and the steps whose outputs it reads. Two steps run ``train-encoder``:
+the UAE student and the gold-only InfoNCE ablation.
+
+Input and output names ending in ``/`` are directories that are complete only with their ``_SUCCESS`` marker
+(models, the index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ConfigDict, Field, create_model, model_validator
+
+from uae_ray.config import (
+    EvaluateConfig,
+    IndexConfig,
+    LabelConfig,
+    MineConfig,
+    PrepareConfig,
+    ScoreRewardConfig,
+    ServeConfig,
+    StageConfig,
+    TrainEncoderConfig,
+    TrainRewardConfig,
+)
+from uae_ray.data import schema as S
+
+Names = Callable[[Any], tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One ``uae-ray`` subcommand."""
+
+    name: str  # subcommand and config-file section
+    module: str  # in uae_ray.stages, exposing run(cfg, run_dir) -> dict
+    config: type[StageConfig]
+    inputs: Names  # run-dir entries it needs (from its config): checked before Ray starts
+    outputs: Names  # run-dir entries it writes: removed when its step is stale, except `keep`
+    keep: tuple[str, ...] = ()  # outputs that stay valid row by row whatever changed (label caches): never removed
+    uses_ray: bool = True
+    writes: bool = True  # holds the run directory's lease and leaves a marker (serve only reads)
+
+    @property
+    def help(self) -> str:
+        return (self.config.__doc__ or "").strip().split("\n")[0]
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One step of ``uae-ray run``: marker ``pipeline/<name>.json``, config section ``<name>``."""
+
+    name: str
+    stage: str
+    upstream: tuple[str, ...]  # steps whose outputs it reads (those absent from a pipeline are left out)
+    default: StageConfig | None  # the section's default; None: the section is required
+    optional: bool = False  # the section may be null (the step is then dropped)
+
+    @property
+    def field(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def _encoder_outputs(cfg: TrainEncoderConfig) -> tuple[str, ...]:
+    out = cfg.output
+    return (f"{out}/", f"{out}_report.json", f"{out}_train_loss.png", f"{S.CHECKPOINTS}/train_encoder-{out}")
+
+
+def _encoder_inputs(cfg: TrainEncoderConfig) -> tuple[str, ...]:
+    base = (S.QUERIES, S.CORPUS, S.CANDIDATES)
+    if cfg.loss == "infonce":  # the gold-only ablation reads no teacher
+        return base
+    return (*base, S.TEACHER_SCORES if cfg.teacher == "reward_model" else S.UTILITIES)
+
+
+def _index_inputs(cfg: IndexConfig) -> tuple[str, ...]:
+    model = cfg.encoder.removeprefix("run:") + "/" if cfg.encoder.startswith("run:") else None
+    return (S.CORPUS, *([model] if model else []))
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("prepare", "prepare", PrepareConfig, inputs=lambda c: (),
+          outputs=lambda c: (S.CORPUS, S.QUERIES, S.PREPARE_REPORT, "prepare_lengths.png"), uses_ray=False),
+    Stage("mine", "mine", MineConfig,
+          inputs=lambda c: (S.CORPUS, S.QUERIES, *((S.TEACHER_SCORES,) if c.reward_weight > 0 else ())),
+          outputs=lambda c: (S.CANDIDATES, S.MINE_REPORT)),
+    Stage("label", "label", LabelConfig, inputs=lambda c: (S.CANDIDATES, S.QUERIES, S.CORPUS),
+          outputs=lambda c: (S.UTILITIES, S.LABEL_SKIPPED, S.LABEL_BASELINE, S.LABEL_REPORT),
+          keep=(S.UTILITIES, S.LABEL_SKIPPED, S.LABEL_BASELINE)),
+    Stage("train-reward", "train_reward", TrainRewardConfig, inputs=lambda c: (S.QUERIES, S.CORPUS, S.UTILITIES),
+          outputs=lambda c: (f"{S.REWARD_MODEL}/", S.REWARD_REPORT, "reward_train_loss.png",
+                             f"{S.CHECKPOINTS}/train_reward")),
+    Stage("score-reward", "score_reward", ScoreRewardConfig,
+          inputs=lambda c: (f"{S.REWARD_MODEL}/", S.CANDIDATES, S.QUERIES, S.CORPUS),
+          outputs=lambda c: (S.TEACHER_SCORES, "score_reward_report.json")),
+    Stage("train-encoder", "train_encoder", TrainEncoderConfig, inputs=_encoder_inputs, outputs=_encoder_outputs),
+    # index versions are immutable and the stage publishes a new one (pruning the oldest past keep_versions): a
+    # stale index step never removes the version an app may still be serving
+    Stage("index", "index", IndexConfig, inputs=_index_inputs, outputs=lambda c: (f"{S.INDEX}/",),
+          keep=(f"{S.INDEX}/",)),
+    Stage("evaluate", "evaluate", EvaluateConfig, inputs=lambda c: (S.CORPUS, S.QUERIES),
+          outputs=lambda c: (S.EVAL,)),
+    Stage("serve", "serve", ServeConfig, inputs=lambda c: (f"{S.INDEX}/",), outputs=lambda c: (), writes=False),
+)}
+
+STEPS: tuple[StepSpec, ...] = (
+    StepSpec("prepare", "prepare", (), None),
+    StepSpec("mine", "mine", ("prepare",), MineConfig()),
+    StepSpec("label", "label", ("mine",), LabelConfig()),
+    StepSpec("train-reward", "train-reward", ("label",), TrainRewardConfig()),
+    StepSpec("score-reward", "score-reward", ("train-reward", "mine"), ScoreRewardConfig()),
+    StepSpec("train-encoder", "train-encoder", ("score-reward",), TrainEncoderConfig()),
+    StepSpec("train-encoder-ablation", "train-encoder", ("mine",),
+             TrainEncoderConfig(loss="infonce", output=S.ENCODER_INFONCE), optional=True),
+    StepSpec("index", "index", ("train-encoder", "prepare"), IndexConfig()),
+    StepSpec("evaluate", "evaluate", ("train-encoder", "score-reward", "label", "train-encoder-ablation", "index"),
+             EvaluateConfig()),
+)
+STEP_SPECS: dict[str, StepSpec] = {s.name: s for s in STEPS}
+
+#: subcommand -> config model (the config file's sections for single stages)
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {name: s.config for name, s in STAGES.items()}
+
+
+def with_label(cfg: EvaluateConfig, label: LabelConfig) -> EvaluateConfig:
+    """Evaluate takes the label section's generator and prompt (ExpUtil labels on demand, answers) unless it sets
+    its own ``label``."""
+    return cfg if cfg.label is not None else cfg.model_copy(update={"label": label})
+
+
+class _PipelineBase(StageConfig):
+    """``uae-ray run``: every step's section; absent sections take defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _distinct_outputs(self) -> _PipelineBase:
+        """Two steps of one stage (train-encoder and its ablation) must not write the same entries."""
+        seen: dict[str, str] = {}
+        for spec in STEPS:
+            cfg = getattr(self, spec.field)
+            if cfg is None:
+                continue
+            for out in STAGES[spec.stage].outputs(cfg):
+                if out in seen:
+                    raise ValueError(f"{spec.name} and {seen[out]} both write {out.rstrip('/')!r}: "
+                                     f"{spec.name}.output must differ from {seen[out]}.output")
+                seen[out] = spec.name
+        return self
+
+
+def _section(spec: StepSpec) -> tuple[Any, Any]:
+    cls = STAGES[spec.stage].config
+    annotation: Any = cls | None if spec.optional else cls
+    default = ... if spec.default is None else spec.default
+    return annotation, Field(default, alias=spec.name)
+
+
+PipelineConfig: type[_PipelineBase] = create_model(  # type: ignore[call-overload]
+    "PipelineConfig", __base__=_PipelineBase, __module__=__name__, **{s.field: _section(s) for s in STEPS},
+)
+PipelineConfig.__doc__ = _PipelineBase.__doc__
