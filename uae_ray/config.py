@@ -223,6 +223,9 @@ class TrainScaling(StageConfig):
     # different nodes where it can, STRICT_SPREAD must (Ray placement-group strategies)
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # worker-group restarts after a failure (a worker or its node died), each resuming from the latest checkpoint
+    # (so set checkpoint_every_steps); -1: without limit, 0: a failure ends the run
+    max_failures: int = Field(0, ge=-1)
 
 
 class TrainRewardConfig(StageConfig):

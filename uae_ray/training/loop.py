@@ -287,9 +287,11 @@ def make_trainer(
 ) -> Any:
     """A ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU) checkpointing to ``<run_dir>/checkpoints/<name>``.
 
-    Rerunning with the same run directory and name resumes from the latest checkpoint there.
+    Rerunning with the same run directory and name resumes from the latest checkpoint there; within one run, a
+    failed worker group (a worker or its node died) is restarted up to ``scaling.max_failures`` times, each time
+    from the latest checkpoint.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage_path, storage_fs = checkpoint_storage(run_dir)
@@ -306,5 +308,6 @@ def make_trainer(
         run_config=RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
         ),
     )
