@@ -41,7 +41,7 @@ from uae_ray.runtime import RunDir  # noqa: E402
 
 SMALL = "configs/demo-small.yaml"
 BUCKET = "uae-ray-bench"
-LABEL_OUTPUTS = ("utilities", "utilities_skipped", "label_baseline.parquet", "label_report.json")
+LABEL_OUTPUTS = ("utilities", "utilities_skipped", "label_cache", "label_baseline", "label_report.json")
 
 
 def start_moto() -> Any:

@@ -84,8 +84,9 @@ def test_label_killed_midway_resumes_exactly_once(tmp_path) -> None:
     first = rd.read_table(LABEL_CACHE).num_rows
     assert 0 < first < distinct - 4, f"the kill should land mid-run ({first} of {distinct - 4} labels)"
     assert not rd.exists(UTILITIES)  # the view is written at the end only
-    # SIGKILL may land inside a write: its temp file can stay (readers skip dot files); one older than a live
-    # writer's is removed by the next run, a fresh one (a concurrent writer's) is left alone
+    # SIGKILL may land inside a write: its temp file can stay (readers skip dot files); the next run holds the run
+    # dir's lease, so no other writer may be writing: every other writer's temp goes, old or fresh (without a lease
+    # only old ones or a dead process's go: tests/test_storage.py)
     stale = parts_dir / ".part-x-999999.parquet.tmp-deadhost0000-1-deadbeef"  # <writer id>-<random>
     fresh = parts_dir / ".part-y-000000.parquet.tmp-otherhost123-1-cafe0000"
     for temp in (stale, fresh):
@@ -93,7 +94,7 @@ def test_label_killed_midway_resumes_exactly_once(tmp_path) -> None:
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert not stale.exists() and fresh.exists()
+    assert not stale.exists() and not fresh.exists()
     cache = rd.read_table(LABEL_CACHE)
     assert cache.num_rows == distinct and len(set(cache["fingerprint"].to_pylist())) == distinct, \
         "a pair was labeled twice"

@@ -20,9 +20,11 @@ changed one makes the step stale too.
 
 Configs are compared setting by setting over the settings that both the marker and the current version know
 (:func:`config_changes`): a setting added by a newer uae-ray (absent from old markers) does not make existing runs
-stale, while a changed value, including a changed default, does. The label step's caches (``utilities/``,
-``utilities_skipped/``, ``label_baseline.parquet``) are never removed, only its report: labels are valid row by row,
-so the label stage keeps every still-valid pair and labels only the pairs that are new. Every removal is checked to
+stale, while a changed value, including a changed default, does. The label step's outputs (``label_cache/``,
+``label_baseline/``, and the views ``utilities/``, ``utilities_skipped/``) are never removed, only its report: labels
+are keyed by content (question, answers, passage text, the settings that change the numbers), so the label stage
+reuses every pair whose fingerprint it has and labels only the new ones; an index step publishes a new immutable
+version instead of removing the one an app may still serve. Every removal is checked to
 stay inside the run directory.
 """
 

@@ -93,8 +93,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           inputs=lambda c: (S.CORPUS, S.QUERIES, *((S.TEACHER_SCORES,) if c.reward_weight > 0 else ())),
           outputs=lambda c: (S.CANDIDATES, S.MINE_REPORT)),
     Stage("label", "label", LabelConfig, inputs=lambda c: (S.CANDIDATES, S.QUERIES, S.CORPUS),
-          outputs=lambda c: (S.UTILITIES, S.LABEL_SKIPPED, S.LABEL_BASELINE, S.LABEL_REPORT),
-          keep=(S.UTILITIES, S.LABEL_SKIPPED, S.LABEL_BASELINE)),
+          outputs=lambda c: (S.UTILITIES, S.LABEL_SKIPPED, S.LABEL_CACHE, S.LABEL_BASELINE, S.LABEL_REPORT),
+          keep=(S.UTILITIES, S.LABEL_SKIPPED, S.LABEL_CACHE, S.LABEL_BASELINE)),  # content-keyed: valid row by row
     Stage("train-reward", "train_reward", TrainRewardConfig, inputs=lambda c: (S.QUERIES, S.CORPUS, S.UTILITIES),
           outputs=lambda c: (f"{S.REWARD_MODEL}/", S.REWARD_REPORT, "reward_train_loss.png",
                              f"{S.CHECKPOINTS}/train_reward")),
