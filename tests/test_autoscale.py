@@ -115,14 +115,17 @@ class NodeWatch:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._t0 = time.monotonic()
 
+    def _sample(self) -> None:
+        nodes = [n for n in all_nodes(self.dashboard) if not n["is_head_node"]]
+        alive = sum(n["state"] == "ALIVE" for n in nodes)
+        self.seen.update({n["node_id"]: n for n in nodes})
+        self.max_alive_workers = max(self.max_alive_workers, alive)
+        if not self.timeline or self.timeline[-1][1] != alive:
+            self.timeline.append((round(time.monotonic() - self._t0, 1), alive))
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            nodes = [n for n in all_nodes(self.dashboard) if not n["is_head_node"]]
-            alive = sum(n["state"] == "ALIVE" for n in nodes)
-            self.seen.update({n["node_id"]: n for n in nodes})
-            self.max_alive_workers = max(self.max_alive_workers, alive)
-            if not self.timeline or self.timeline[-1][1] != alive:
-                self.timeline.append((round(time.monotonic() - self._t0, 1), alive))
+            self._sample()
             self._stop.wait(1.0)
 
     def __enter__(self) -> NodeWatch:
@@ -132,6 +135,7 @@ class NodeWatch:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self._sample()  # the state the caller just waited for (the last poll can be up to a second old)
 
     def alive_workers(self) -> int:
         return sum(n["state"] == "ALIVE" for n in all_nodes(self.dashboard) if not n["is_head_node"])

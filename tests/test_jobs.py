@@ -82,6 +82,6 @@ def test_demo_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster: LocalCluster,
     logs = ray_cli(cluster, "job", "logs", "--address", cluster.dashboard, "uae-demo-small")
     assert logs.returncode == 0, logs.stderr
     assert "| uae |" in logs.stdout
-    assert "pipeline: label" in logs.stdout and "must not be provided" not in logs.stdout
+    assert "label: not run yet, running" in logs.stdout and "must not be provided" not in logs.stdout
     print(json.dumps({"job_seconds": round(elapsed, 1), "uploaded_files": len(files),
                       "uploaded_bytes": sum(files.values())}))

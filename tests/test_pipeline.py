@@ -110,11 +110,12 @@ def test_stale_label_step_keeps_its_caches(tmp_path: Path):
     row by row); every other step removes all it wrote."""
     steps = {s.name: s for s in pipeline.plan(_cfg())}
     label = steps["label"]
-    assert set(label.stage.keep) == {S.UTILITIES, S.LABEL_SKIPPED, S.LABEL_BASELINE}
+    assert set(label.stage.keep) == {S.UTILITIES, S.LABEL_SKIPPED, S.LABEL_CACHE, S.LABEL_BASELINE}
     assert label.removable == (S.LABEL_REPORT,)
     assert steps["mine"].removable == steps["mine"].outputs == (S.CANDIDATES, S.MINE_REPORT)
     rd = RunDir(tmp_path / "run")
-    for name in (f"{S.UTILITIES}/part-000000.parquet", S.LABEL_BASELINE, S.LABEL_REPORT):
+    for name in (f"{S.UTILITIES}/part-000000.parquet", f"{S.LABEL_CACHE}/part-a-000000.parquet",
+                 f"{S.LABEL_BASELINE}/part-a-000000.parquet", S.LABEL_REPORT):
         rd.write_text(name, "x")
     other = label.config.model_copy(update={"rows_per_batch": label.config.rows_per_batch + 1})
     rd.write_json("pipeline/label.json", {"status": "done", "run_id": "old", "config": other.model_dump(mode="json"),
@@ -123,7 +124,8 @@ def test_stale_label_step_keeps_its_caches(tmp_path: Path):
     assert (state, why) == ("stale", ["rows_per_batch"])
     for out in label.removable:
         pipeline.remove_output(rd, out)
-    assert rd.exists(f"{S.UTILITIES}/part-000000.parquet") and rd.exists(S.LABEL_BASELINE)
+    assert rd.exists(f"{S.UTILITIES}/part-000000.parquet") and rd.exists(f"{S.LABEL_CACHE}/part-a-000000.parquet")
+    assert rd.exists(f"{S.LABEL_BASELINE}/part-a-000000.parquet")
     assert not rd.exists(S.LABEL_REPORT)
 
 
