@@ -112,3 +112,42 @@ def test_label_killed_midway_resumes_exactly_once(tmp_path) -> None:
     assert report["labeled"] == n_pairs - 4
     assert report["this_run"]["labeled"] + sum(report["this_run"]["skipped"].values()) == distinct - first
     assert report["reused"] + report["new"] == n_pairs and report["unaccounted"] == 0
+
+
+@pytest.mark.slow
+def test_two_concurrent_label_commands_one_is_refused_and_labels_exactly_once(tmp_path) -> None:
+    """Two `uae-ray label` on one run dir (a second `uae-ray run`, a job resubmitted while the first still runs):
+    the second is refused at once with the holder named, the first labels every pair exactly once."""
+    rd, n_pairs = write_label_run(tmp_path / "run", n_queries=4)
+    args = [sys.executable, "-m", "uae_ray.cli", "label", "--run-dir", rd.uri, "--num-cpus", "2",
+            "--set", "rows_per_part=4", "--set", "pool.max_size=1", "--set", "pool.num_cpus=2"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not rd.exists("_lease.json"):
+            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
+        t0 = time.perf_counter()
+        second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        refused_s = time.perf_counter() - t0
+        assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    line = [ln for ln in second.stderr.splitlines() if ln.startswith("uae-ray label: ")]
+    assert len(line) == 1 and "lease held" in line[0] and f"pid {first.pid}" in line[0], second.stderr[-2000:]
+    assert refused_s < 30  # refused at once, without starting Ray or waiting for the holder
+    util, skipped = rd.read_table(UTILITIES), rd.read_table(LABEL_SKIPPED)
+    keys = list(zip(util["qid"].to_pylist(), util["pid"].to_pylist(), strict=True))
+    keys += list(zip(skipped["qid"].to_pylist(), skipped["pid"].to_pylist(), strict=True))
+    assert len(keys) == len(set(keys)) == n_pairs
+    cache = rd.read_table(LABEL_CACHE)["fingerprint"].to_pylist()
+    assert len(cache) == len(set(cache)), "a pair was labeled twice"
+    writers = {p.name.rsplit("-", 1)[0] for p in Path(rd.path(LABEL_CACHE)).iterdir() if p.name.startswith("part-")}
+    assert len(writers) == 1  # one writer wrote the cache
+    assert not rd.exists("_lease.json")  # released when the first finished
