@@ -23,13 +23,18 @@ REPORT = "score_reward_report.json"
 
 
 def _fingerprint(run_dir: RunDir) -> str:
-    """Identifies the trained reward model (its training record holds config and the whole loss history). Read from
-    the committed version (on an object store a directory's files live under its version, not beside the marker)."""
-    return hashlib.sha1((run_dir.fetch_dir(REWARD_MODEL) / "training.json").read_bytes()).hexdigest()[:16]
+    """Identifies the trained reward model: the hash of its training record (config and the whole loss history), as
+    its commit record states it, so an object-store run dir downloads nothing for it; a directory committed before
+    commit records listed files is hashed from a fetched copy."""
+    files = run_dir.commit_record(REWARD_MODEL).get("files") or {}
+    if "training.json" in files:
+        return files["training.json"]["sha256"][:16]
+    return hashlib.sha256((run_dir.fetch_dir(REWARD_MODEL) / "training.json").read_bytes()).hexdigest()[:16]
 
 
-def _pairs(run_dir: RunDir) -> tuple[pa.Table, dict[str, int]]:
-    """candidates joined with question and passage text, sorted by passage length (less padding per batch)."""
+def _pairs(run_dir: RunDir) -> tuple[pa.Table, dict[str, int], int]:
+    """candidates joined with question and passage text, sorted by passage length (less padding per batch); the
+    skips by reason; how many candidate rows there were."""
     cands = run_dir.read_table(CANDIDATES, columns=["qid", "pid"])
     queries = run_dir.read_table(QUERIES, columns=["qid", "question"])
     corpus = run_dir.read_table(CORPUS, columns=["pid", "text"])
@@ -41,15 +46,14 @@ def _pairs(run_dir: RunDir) -> tuple[pa.Table, dict[str, int]]:
     skips["unknown_pid"] = pc.sum(pc.and_(no_t, pc.invert(no_q))).as_py() or 0
     joined = joined.filter(pc.and_(pc.invert(no_q), pc.invert(no_t)))
     joined = joined.append_column("_len", pc.utf8_length(joined["text"])).sort_by([("_len", "descending")])
-    return joined.drop(["_len"]), {k: v for k, v in skips.items() if v}
+    return joined.drop(["_len"]), {k: v for k, v in skips.items() if v}, cands.num_rows
 
 
 def run(cfg: ScoreRewardConfig, run_dir: RunDir) -> dict:
     if not run_dir.dir_complete(REWARD_MODEL):
         raise FileNotFoundError(f"{run_dir.path(REWARD_MODEL)} is missing or incomplete: run train-reward first")
     fp = _fingerprint(run_dir)
-    n_cands = run_dir.read_table(CANDIDATES, columns=["qid"]).num_rows
-    pairs, skips = _pairs(run_dir)
+    pairs, skips, n_cands = _pairs(run_dir)
     if skips:
         log.warning("score-reward: skipped candidate rows: %s", skips)
     ensure_ray()
