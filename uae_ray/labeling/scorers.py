@@ -10,7 +10,8 @@ Backends:
 - :class:`HFScorer` (transformers, CPU or GPU): batches sorted by length (little padding), left padding with
   ``position_ids = attention_mask.cumsum(-1) - 1``, ``logits_to_keep`` = longest answer + 1 so the vocabulary head runs
   only on answer positions, log-softmax in float32.
-- :class:`~uae_ray.labeling.vllm_scorer.VLLMScorer` (vLLM: ``prompt_logprobs``, ``max_tokens=1``): same ids.
+- vLLM (:mod:`uae_ray.labeling.vllm_scorer`): the label stage runs vLLM engines through Ray Data LLM with
+  ``prompt_logprobs`` on the token ids of this encoder; there is no in-process vLLM scorer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 #: Skip reasons, as reported in label_report.json.
 SKIP_EMPTY_ANSWER = "empty_answer"
 SKIP_TOO_LONG = "prompt_too_long"
+SKIP_INFERENCE_ERROR = "inference_error"  # vLLM engine error on a row: reported, not cached (a rerun retries)
 
 
 @dataclass(frozen=True)
@@ -236,15 +238,6 @@ def make_scorer(cfg: LabelConfig) -> Scorer:
             max_model_len=cfg.max_model_len,
         )
     if cfg.backend == "vllm":
-        from uae_ray.labeling.vllm_scorer import VLLMScorer
-
-        return VLLMScorer(
-            cfg.generator,
-            system_prompt,
-            dtype=cfg.dtype,
-            max_passage_tokens=cfg.max_passage_tokens,
-            max_model_len=cfg.max_model_len,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-        )
+        raise ValueError("backend vllm runs vLLM engines as a Ray Data LLM stage inside `uae-ray label` "
+                         "(uae_ray.labeling.vllm_scorer); it has no in-process scorer: use backend hf here")
     raise ValueError(f"unknown backend {cfg.backend!r}: use hf or vllm")

@@ -50,15 +50,11 @@ from uae_ray.data.schema import (
     UTILITIES,
     UTILITIES_VIEW_SCHEMA,
 )
+from uae_ray.labeling.core import attach_fingerprints, join_pair_inputs
 from uae_ray.labeling.fingerprint import label_device, settings_key
-from uae_ray.labeling.pipeline import (
-    BaselineBatch,
-    LabelPairsBatch,
-    attach_fingerprints,
-    join_pair_inputs,
-    split_blocks,
-)
+from uae_ray.labeling.pipeline import BaselineBatch, LabelPairsBatch, split_blocks
 from uae_ray.labeling.prompts import prompt_version_for
+from uae_ray.labeling.scorers import SKIP_INFERENCE_ERROR
 from uae_ray.models.registry import resolve_dtype
 from uae_ray.runtime import RunDir
 
@@ -120,36 +116,47 @@ def select_pairs(run_dir: RunDir, cfg: LabelConfig) -> tuple[pa.Table, pa.Table]
 
 def _ensure_baseline(
     run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, pending: pa.Table, ctx: dict[str, str]
-) -> tuple[pa.Table, dict[str, int], int]:
+) -> tuple[pa.Table, dict[str, int], int, dict[str, str]]:
     """The baseline rows the ``pending`` pairs need (computing only the fingerprints ``label_baseline/`` lacks),
-    counts {needed, reused, new}, tokens used."""
+    counts {needed, reused, new}, tokens used, and {baseline fingerprint: error} of the terms the vLLM engine failed
+    on (their pairs are skipped this run, not cached)."""
     have = read_parts(run_dir, LABEL_BASELINE, LABEL_BASELINE_SCHEMA)
     have_fp = first_index(have["fingerprint"].to_pylist())
     need = first_index(pending["baseline_fp"].to_pylist())  # baseline fp -> first pending pair needing it
     todo_fp = [fp for fp in need if fp not in have_fp]
     counts = {"needed": len(need), "reused": len(need) - len(todo_fp), "new": len(todo_fp)}
-    tokens, tables = 0, [have]
+    tokens, tables, failed = 0, [have], {}
     if todo_fp:
         q_row = {q: i for i, q in enumerate(queries["qid"].to_pylist())}
         pending_qid = pending["qid"].to_pylist()
         rows = pa.array([q_row[pending_qid[need[fp]]] for fp in todo_fp], pa.int64())
         todo = queries.select(["qid", "question", "answers"]).take(rows)
         log.info("label: no-passage terms for %d question/answer sets (%d reused)", len(todo_fp), counts["reused"])
-        n_blocks = max(1, min(cfg.pool.max_size * 4, todo.num_rows // cfg.rows_per_batch + 1))
-        out = _map_on_actor_pool(todo, BaselineBatch, cfg, n_blocks, ctx)
         parts = PartWriter(run_dir, LABEL_BASELINE, ctx["writer"])
-        for chunk in out.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow"):
-            tokens += int(pc.sum(chunk["tokens"]).as_py() or 0)
-            new = chunk.drop_columns(["tokens"]).cast(LABEL_BASELINE_SCHEMA)
+        if cfg.backend == "vllm":
+            from uae_ray.labeling.vllm_scorer import baseline_vllm
+
+            got = baseline_vllm(todo, cfg, ctx)
+            tokens, failed = got.tokens, got.failed
+            chunks = [got.table.slice(i, cfg.rows_per_part) for i in range(0, got.table.num_rows, cfg.rows_per_part)]
+        else:
+            n_blocks = max(1, min(cfg.pool.max_size * 4, todo.num_rows // cfg.rows_per_batch + 1))
+            out = _map_on_actor_pool(todo, BaselineBatch, cfg, n_blocks, ctx)
+            chunks = out.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow")
+        for chunk in chunks:
+            if "tokens" in chunk.column_names:
+                tokens += int(pc.sum(chunk["tokens"]).as_py() or 0)
+                chunk = chunk.drop_columns(["tokens"])
+            new = chunk.cast(LABEL_BASELINE_SCHEMA)
             parts.write(new)
             tables.append(new)
     table = pa.concat_tables(tables)
     index = first_index(table["fingerprint"].to_pylist())
-    lost = [fp for fp in need if fp not in index]
+    lost = [fp for fp in need if fp not in index and fp not in failed]
     if lost:  # the actors keyed a baseline differently from the driver: never label against a wrong term
         raise RuntimeError(f"label: {len(lost)} no-passage fingerprint(s) missing after the baseline pass "
                            f"(first {lost[0]}): the actors and the driver disagree on the label settings")
-    return table.take(pa.array([index[fp] for fp in need], pa.int64())), counts, tokens
+    return table.take(pa.array([index[fp] for fp in need if fp in index], pa.int64())), counts, tokens, failed
 
 
 def _map_on_actor_pool(table: pa.Table, udf: type, cfg: LabelConfig, n_blocks: int, ctx: dict[str, str]) -> Any:
@@ -178,17 +185,31 @@ def _label_pending(
     if not pending.num_rows:
         return [], stats
     pending_q = queries.filter(pc.is_in(queries["qid"], pending["qid"]))
-    baseline, stats["baseline"], stats["tokens"] = _ensure_baseline(run_dir, cfg, pending_q, pending, ctx)
+    baseline, stats["baseline"], stats["tokens"], failed = _ensure_baseline(run_dir, cfg, pending_q, pending, ctx)
+    if failed:  # the engine failed on their no-passage term: reported as skips, not cached (a rerun retries them)
+        lost = pc.is_in(pending["baseline_fp"], pa.array(list(failed), pa.string()))
+        stats["skipped"][SKIP_INFERENCE_ERROR] += int(pc.sum(lost).as_py() or 0)
+        pending = pending.filter(pc.invert(lost))
     rows = join_pair_inputs(pending, pending_q, baseline)
     est = pc.add(pc.utf8_length(rows["text"]), pc.utf8_length(rows["question"]))
     rows = rows.take(pc.sort_indices(est))  # length-sorted: neighbouring pairs share a batch, little padding
-    n_blocks = max(1, min(rows.num_rows // cfg.rows_per_batch + 1, cfg.pool.max_size * 8))
-    ds = _map_on_actor_pool(rows, LabelPairsBatch, cfg, n_blocks, ctx)
+    if cfg.backend == "vllm":
+        from uae_ray.labeling.vllm_scorer import label_pairs_vllm
+
+        chunks = label_pairs_vllm(rows, cfg, ctx)
+    else:
+        n_blocks = max(1, min(rows.num_rows // cfg.rows_per_batch + 1, cfg.pool.max_size * 8))
+        ds = _map_on_actor_pool(rows, LabelPairsBatch, cfg, n_blocks, ctx)
+        chunks = ((c, {}) for c in ds.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow"))
     parts = PartWriter(run_dir, LABEL_CACHE, ctx["writer"])
     written: set[str] = set()
     new: list[pa.Table] = []
     t0 = time.perf_counter()
-    for chunk in ds.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow"):
+    for chunk, errors in chunks:
+        if errors:  # reported as skips this run; not cached, so the next run labels them again
+            stats["skipped"][SKIP_INFERENCE_ERROR] += len(errors)
+            log.warning("label: the vLLM engine failed on %d pair(s), e.g. %s", len(errors),
+                        next(iter(errors.values())))
         stats["tokens"] += int(pc.sum(chunk["tokens"]).as_py() or 0)
         fps = chunk["fingerprint"].to_pylist()
         fresh = [fp not in written for fp in fps]  # a retried block can come back twice: write each key once
