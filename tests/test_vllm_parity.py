@@ -59,7 +59,7 @@ def test_label_stage_vllm_and_hf_backends_agree(ray_session, tmp_path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "MapBatches(vLLMEngineStageUDF)" in proc.stderr  # the engines ran as Ray Data LLM's vLLM stage
+    assert "MapBatches(vLLMEngineStageUDF)" in proc.stdout + proc.stderr  # the engines ran as Ray Data LLM's vLLM stage
     hf_report = label.run(LabelConfig(**LABEL), hf_rd)
     vllm_rd = RunDir(tmp_path / "vllm")
     v_report = json.loads((tmp_path / "vllm" / LABEL_REPORT).read_text())
