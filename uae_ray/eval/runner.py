@@ -111,10 +111,9 @@ def build_systems(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corp
             from uae_ray.index.source import encoder_fingerprint
             from uae_ray.models.reward import load_reward_model
 
-            model, tok = load_reward_model(path)
             out.systems["reward_rerank"] = RerankSystem(
-                "reward_rerank", base, RewardReranker(model, tok, max_length=cfg.reward_max_length), corpus,
-                cfg.rerank_top_k)
+                "reward_rerank", base, RewardReranker(load_reward_model(path), max_length=cfg.reward_max_length),
+                corpus, cfg.rerank_top_k)
             out.models["reward_rerank"] = f"{path} ({encoder_fingerprint(path)})"
     if wanted & {"upr", "rankgpt"} and base is not None:
         from uae_ray.eval.rerankers import ListwiseReranker, QueryLikelihoodReranker
