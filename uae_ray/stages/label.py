@@ -56,11 +56,10 @@ from uae_ray.labeling.pipeline import (
     LabelPairsBatch,
     attach_fingerprints,
     join_pair_inputs,
-    split_blocks,
 )
 from uae_ray.labeling.prompts import prompt_version_for
 from uae_ray.models.registry import resolve_dtype
-from uae_ray.runtime import RunDir
+from uae_ray.runtime import RunDir, split_blocks
 
 log = logging.getLogger("uae_ray")
 _PART = re.compile(r"^part-[A-Za-z0-9-]+\.parquet$")
