@@ -44,11 +44,11 @@ def index_vectors(index_dir: Path) -> np.ndarray:
 
 def question_vectors(run_dir: RunDir, encoder_spec: str) -> np.ndarray:
     """The run's questions (every split), encoded with ``encoder_spec`` (unit vectors)."""
-    from uae_ray.index.source import resolve_encoder
     from uae_ray.models.encoder import encode, load_encoder
+    from uae_ray.models.registry import resolve_model
 
     questions = run_dir.read_table(QUERIES, columns=["question"]).column("question").to_pylist()
-    model = load_encoder(resolve_encoder(encoder_spec, run_dir))
+    model = load_encoder(resolve_model(encoder_spec, run_dir))
     return encode(model, questions, batch_size=64, max_length=64).astype(np.float32)
 
 

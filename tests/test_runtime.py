@@ -9,7 +9,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from uae_ray.runtime import SUCCESS_MARKER, RunDir, init_ray
+from uae_ray.runtime import SUCCESS_MARKER, RunDir, init_ray, split_blocks
 
 
 def _table(n: int) -> pa.Table:
@@ -108,6 +108,17 @@ def test_non_local_filesystem_path(tmp_path):
     assert not [p for p in (tmp_path / "cache" / "uae_ray_fetch").iterdir() if ".tmp-" in p.name]
     rd.remove("reward_model")
     assert not rd.exists("reward_model")
+
+
+def test_split_blocks_contiguous_slices_cover_every_row_once():
+    t = pa.table({"i": list(range(10))})
+    blocks = split_blocks(t, 3)
+    assert [b.num_rows for b in blocks] == [4, 4, 2]
+    assert pa.concat_tables(blocks).column("i").to_pylist() == list(range(10))
+    assert [b.num_rows for b in split_blocks(t, 50)] == [1] * 10  # never more blocks than rows
+    assert split_blocks(t, 0)[0].num_rows == 10
+    empty = split_blocks(t.slice(0, 0), 4)
+    assert len(empty) == 1 and empty[0].num_rows == 0
 
 
 def test_init_ray_is_idempotent(ray_session):

@@ -171,8 +171,8 @@ def test_train_reward_two_workers_lowers_loss_and_writes_model(trained_reward_ru
     assert report["eval"]["heldout"]["reward_model"]["spearman"] is not None
     assert rd.exists("reward_train_loss.png")
     assert len(list(rd.local_path(schema.CHECKPOINTS).glob("train_reward/checkpoint_*"))) >= 1
-    model, tok = load_reward_model(str(rd.local_path(schema.REWARD_MODEL)))
-    s = score_pairs(model, tok, ["What color are the feathers of the Zorblat?"] * 2,
+    model = load_reward_model(str(rd.local_path(schema.REWARD_MODEL)))
+    s = score_pairs(model, ["What color are the feathers of the Zorblat?"] * 2,
                     ["The Zorblat is a rare creature whose feathers are blue in every season.",
                      "Scientists catalogued the Quimble in the year 1807 after a long expedition."], max_length=48)
     assert s.shape == (2,) and np.isfinite(s).all()
@@ -193,8 +193,8 @@ def test_score_reward_scores_every_candidate(trained_reward_run):
     row = out.slice(0, 1).to_pylist()[0]
     q = {r["qid"]: r["question"] for r in rd.read_table(schema.QUERIES).to_pylist()}[row["qid"]]
     t = {r["pid"]: r["text"] for r in rd.read_table(schema.CORPUS).to_pylist()}[row["pid"]]
-    model, tok = load_reward_model(str(rd.local_path(schema.REWARD_MODEL)))
-    assert score_pairs(model, tok, [q], [t], max_length=48)[0] == pytest.approx(row["teacher_score"], abs=1e-4)
+    model = load_reward_model(str(rd.local_path(schema.REWARD_MODEL)))
+    assert score_pairs(model, [q], [t], max_length=48)[0] == pytest.approx(row["teacher_score"], abs=1e-4)
 
 
 def _encoder_cfg(**kw) -> TrainEncoderConfig:

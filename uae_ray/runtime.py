@@ -1,12 +1,12 @@
-"""Ray start-up, and the run directory's names re-exported from :mod:`uae_ray.storage` (where the commit
-protocol and the single-writer lease live)."""
+"""Ray start-up, Ray Data helpers (:func:`split_blocks`), and the run directory's names re-exported from
+:mod:`uae_ray.storage` (where the commit protocol and the single-writer lease live)."""
 
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uae_ray.storage import (
     SUCCESS_MARKER,
@@ -16,8 +16,11 @@ from uae_ray.storage import (
     StorageOptions,
 )
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 __all__ = ["SUCCESS_MARKER", "LeaseHeldError", "LeaseLostError", "RunDir", "StorageOptions", "ensure_ray",
-           "init_ray", "worker_env_vars"]
+           "init_ray", "split_blocks", "worker_env_vars"]
 
 log = logging.getLogger("uae_ray")
 
@@ -78,3 +81,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 def ensure_ray() -> None:
     """Start a local cluster unless Ray is already up (stages call this; the CLI connects first)."""
     init_ray(None)
+
+
+def split_blocks(table: pa.Table, n: int) -> list[pa.Table]:
+    """``table`` as ``n`` contiguous slices: Ray Data blocks made on the driver.
+
+    ``from_arrow(table).repartition(n)`` would need a CPU for the repartition tasks, and an actor pool that holds
+    every CPU of the cluster (one actor with ``num_cpus`` = all) then waits for them forever.
+    """
+    n = max(1, min(n, table.num_rows))
+    step = max(1, -(-table.num_rows // n))  # an empty table is one empty block
+    return [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]

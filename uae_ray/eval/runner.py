@@ -111,10 +111,9 @@ def build_systems(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corp
             from uae_ray.index.source import encoder_fingerprint
             from uae_ray.models.reward import load_reward_model
 
-            model, tok = load_reward_model(path)
             out.systems["reward_rerank"] = RerankSystem(
-                "reward_rerank", base, RewardReranker(model, tok, max_length=cfg.reward_max_length), corpus,
-                cfg.rerank_top_k)
+                "reward_rerank", base, RewardReranker(load_reward_model(path), max_length=cfg.reward_max_length),
+                corpus, cfg.rerank_top_k)
             out.models["reward_rerank"] = f"{path} ({encoder_fingerprint(path)})"
     if wanted & {"upr", "rankgpt"} and base is not None:
         from uae_ray.eval.rerankers import ListwiseReranker, QueryLikelihoodReranker
@@ -162,8 +161,8 @@ def generate_answers(label: LabelConfig, corpus: Corpus, requests: list[tuple[st
     """
     from tqdm.auto import tqdm
 
-    from uae_ray.eval.rerankers import _chat_ids, _cut, greedy_generate
     from uae_ray.labeling.prompts import build_messages, system_prompt_for
+    from uae_ray.models.lm import chat_prompt_ids, cut_to_tokens, greedy_generate
     from uae_ray.models.registry import load_causal_lm
 
     if not requests:
@@ -172,8 +171,9 @@ def generate_answers(label: LabelConfig, corpus: Corpus, requests: list[tuple[st
     system = system_prompt_for(label)
     prompts = []
     for _, question, pids in requests:
-        context = "\n\n".join(_cut(tok, corpus.texts[corpus.row_of[p]], label.max_passage_tokens) for p in pids)
-        prompts.append(_chat_ids(tok, build_messages(system, question, context)))
+        context = "\n\n".join(cut_to_tokens(tok, corpus.texts[corpus.row_of[p]], label.max_passage_tokens)
+                                for p in pids)
+        prompts.append(chat_prompt_ids(tok, build_messages(system, question, context)))
     answers: list[str] = []
     for start in tqdm(range(0, len(prompts), 32), desc="generate answers", leave=False):
         answers += greedy_generate(lm, tok, prompts[start : start + 32], max_new_tokens=max_new_tokens,

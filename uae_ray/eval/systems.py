@@ -133,17 +133,16 @@ class Reranker(Protocol):
 class RewardReranker:
     """The reward model r(q, d) as a cross-encoder re-ranker."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 256, batch_size: int = 32) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
+    def __init__(self, model: Any, *, max_length: int = 256, batch_size: int = 32) -> None:
+        self.model = model  # a CrossEncoder (uae_ray.models.reward.load_reward_model)
         self.max_length = max_length
         self.batch_size = batch_size
 
     def rerank(self, question: str, passages: list[str]) -> list[int]:
         from uae_ray.models.reward import score_pairs
 
-        s = score_pairs(self.model, self.tokenizer, [question] * len(passages), passages,
-                        max_length=self.max_length, batch_size=self.batch_size)
+        s = score_pairs(self.model, [question] * len(passages), passages, max_length=self.max_length,
+                        batch_size=self.batch_size)
         return [int(i) for i in np.argsort(-s, kind="stable")]
 
 

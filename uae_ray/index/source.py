@@ -1,4 +1,5 @@
-"""Where the vectors come from: resolve an encoder spec (``run:<dir>`` or a registry name/path) and fingerprint it.
+"""Where the vectors come from: fingerprint the encoder (resolved by :func:`uae_ray.models.registry.resolve_model`) and
+the corpus.
 
 The fingerprint lets ``uae-ray index`` skip a rebuild only when neither the corpus nor the encoder changed.
 """
@@ -10,39 +11,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from uae_ray.models.registry import resolve
-from uae_ray.runtime import RunDir
+from uae_ray.models.registry import resolve_model
 
-RUN_PREFIX = "run:"
-
-
-def resolve_encoder(spec: str, run_dir: RunDir | None) -> str:
-    """A loadable encoder location for ``spec``.
-
-    Args:
-        spec: ``run:<name>`` (a complete model directory in the run dir, e.g. ``run:encoder``) or anything
-            :func:`uae_ray.models.registry.resolve` accepts (registry name, local path, hub id).
-        run_dir: the run directory (needed for ``run:`` specs).
-
-    Returns:
-        A local directory (``run:`` specs, registry names) or a hub id.
-    """
-    if spec.startswith(RUN_PREFIX):
-        name = spec[len(RUN_PREFIX) :]
-        if run_dir is None:
-            raise ValueError(f"encoder {spec!r} names a run-dir model but no run directory was given")
-        if not run_dir.dir_complete(name):
-            raise FileNotFoundError(
-                f"encoder {spec!r}: {run_dir.path(name)} is missing or incomplete (run train-encoder first, "
-                f"or set encoder to a model name such as all-minilm-l6-v2)"
-            )
-        return str(run_dir.fetch_dir(name))
-    return resolve(spec).path
-
-
-def resolve_on_worker(spec: str, run_dir_uri: str | None) -> str:
-    """:func:`resolve_encoder` on a Ray worker holding only the run dir URI (`run:<dir>` fetched on its node)."""
-    return resolve_encoder(spec, RunDir(run_dir_uri) if run_dir_uri else None)
+# The run-dir model lookup lives in uae_ray.models.registry (models/ must not import index/); this name stays for
+# the callers that resolve an encoder spec next to its fingerprint.
+resolve_encoder = resolve_model
 
 
 def encoder_fingerprint(path: str) -> str:

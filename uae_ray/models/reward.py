@@ -1,8 +1,12 @@
-"""Cross-encoder reward model r(q, d): load, tokenize pairs, and score them (also as a Ray Data UDF).
+"""Cross-encoder reward model r(q, d): build (for training), save as a ``CrossEncoder`` directory, load and score.
 
-The model is an ``AutoModelForSequenceClassification`` with one output (``num_labels=1``). From an encoder checkpoint
-such as the embedded MiniLM the head is freshly initialised (transformers reports it as missing: expected); a
-``reward_model/`` directory written by ``uae-ray train-reward`` loads with its trained head.
+Training builds an ``AutoModelForSequenceClassification`` with one output (``num_labels=1``); from an encoder
+checkpoint such as the embedded MiniLM the head is freshly initialised (transformers reports it as missing:
+expected). :func:`save_reward_model` writes a directory that ``sentence_transformers.CrossEncoder(path)`` loads as it
+is: the config (``num_labels=1``, and the identity activation under ``config.sentence_transformers``, so
+``CrossEncoder.predict`` returns the raw logits r(q, d) instead of their sigmoid), the tokenizer, and its
+``model_max_length`` = the training ``max_length`` (pairs truncated longest-first, as in training). Scoring
+(:func:`score_pairs`, :class:`RewardScoreBatch`) is ``CrossEncoder.predict``.
 
 Models only encode: the loss is :func:`uae_ray.losses.reward_listwise_loss`, training is in :mod:`uae_ray.training`.
 """
@@ -10,11 +14,24 @@ Models only encode: the loss is :func:`uae_ray.losses.reward_listwise_loss`, tra
 from __future__ import annotations
 
 import functools
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from uae_ray.models.registry import ModelNotFoundError, resolve
+from uae_ray.models.registry import (
+    ModelNotFoundError,
+    load_sentence_transformers_model,
+    resolve,
+    resolve_model_on_worker,
+)
+
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder
+
+#: ``CrossEncoder`` reads its activation from ``config.sentence_transformers["activation_fn"]`` (a ``torch.``
+#: path): identity, so a loaded reward model scores raw logits, the scale the listwise loss trained.
+IDENTITY_ACTIVATION = "torch.nn.modules.linear.Identity"
 
 
 def build_reward_model(name: str, device: str = "cpu") -> tuple[Any, Any]:
@@ -42,19 +59,46 @@ def build_reward_model(name: str, device: str = "cpu") -> tuple[Any, Any]:
     return model.to(device), tok
 
 
-@functools.lru_cache(maxsize=4)
-def load_reward_model(path: str, device: str = "cpu") -> tuple[Any, Any]:
-    """(model, tokenizer) of a reward model directory (or any name :func:`build_reward_model` takes), once per process.
+def save_reward_model(model: Any, tokenizer: Any, path: str | Path, max_length: int) -> None:
+    """Write ``model`` and ``tokenizer`` to ``path`` as a directory ``CrossEncoder(path)`` loads and scores as uae-ray.
 
-    The model is in eval mode; do not train the cached instance.
+    Args:
+        model: a one-output sequence-classification model (e.g. from :func:`build_reward_model`, trained).
+        tokenizer: its tokenizer; saved with ``model_max_length = max_length``.
+        path: an existing local directory (e.g. a :meth:`uae_ray.runtime.RunDir.staged_dir`).
+        max_length: tokens per (question, passage) pair the model was trained with.
     """
-    model, tok = build_reward_model(path, device)
-    model.eval()
-    return model, tok
+    if model.config.num_labels != 1:
+        raise ValueError(f"a reward model has one output; this one has {model.config.num_labels}")
+    model.config.sentence_transformers = {"activation_fn": IDENTITY_ACTIVATION}
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(path)
+
+
+def read_reward_model(path: str, device: str = "cpu") -> CrossEncoder:
+    """The ``CrossEncoder`` of a reward model directory (or a hub cross-encoder id), in eval mode; not cached.
+
+    Raises:
+        ModelNotFoundError: ``path`` does not load as a cross-encoder with one output.
+    """
+    from sentence_transformers import CrossEncoder
+
+    model = load_sentence_transformers_model(CrossEncoder, path, device, "a cross-encoder reward model")
+    if model.num_labels != 1:
+        raise ModelNotFoundError(f"{path}: has {model.num_labels} outputs; a reward model needs 1")
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def load_reward_model(path: str, device: str = "cpu") -> CrossEncoder:
+    """:func:`read_reward_model`, once per process (do not train the cached instance)."""
+    return read_reward_model(path, device)
 
 
 def tokenize_pairs(tokenizer: Any, questions: list[str], passages: list[str], max_length: int) -> dict[str, Any]:
-    """Tokenize (question, passage) pairs as one sequence each, truncating the longer side first.
+    """Tokenize (question, passage) pairs for training, as ``CrossEncoder`` does for scoring: one sequence per pair,
+    the longer side truncated first.
 
     Returns:
         dict of [n, L] tensors (input_ids, attention_mask, and token_type_ids where the model has them).
@@ -67,18 +111,16 @@ def tokenize_pairs(tokenizer: Any, questions: list[str], passages: list[str], ma
 
 
 def score_pairs(
-    model: Any, tokenizer: Any, questions: list[str], passages: list[str], *, max_length: int = 256,
-    batch_size: int = 32,
+    model: CrossEncoder, questions: list[str], passages: list[str], *, max_length: int = 256, batch_size: int = 32,
 ) -> np.ndarray:
-    """Reward scores r(q, d) of aligned (question, passage) pairs.
+    """Reward scores r(q, d) (raw logits) of aligned (question, passage) pairs, by ``CrossEncoder.predict``.
 
     Args:
-        model: a one-output sequence-classification model (see :func:`load_reward_model`).
-        tokenizer: its tokenizer.
+        model: the reward model (see :func:`load_reward_model`).
         questions: n question strings.
         passages: n passage strings (``passages[i]`` is scored with ``questions[i]``).
         max_length: tokens per pair (question + passage), truncating the longer side first.
-        batch_size: pairs per forward pass.
+        batch_size: pairs per forward pass (``predict`` sorts pairs by length first).
 
     Returns:
         float32 array [n] of scores (higher = more useful).
@@ -87,20 +129,14 @@ def score_pairs(
 
     if len(questions) != len(passages):
         raise ValueError(f"{len(questions)} questions but {len(passages)} passages: pairs must align")
-    out = np.zeros(len(questions), dtype=np.float32)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(questions), batch_size):
-            qs = [str(q) for q in questions[start : start + batch_size]]
-            ps = [str(p) for p in passages[start : start + batch_size]]
-            feats = {k: v.to(device) for k, v in tokenize_pairs(tokenizer, qs, ps, max_length).items()}
-            logits = model(**feats).logits.reshape(-1)
-            out[start : start + len(qs)] = logits.float().cpu().numpy()
-    if was_training:
-        model.train()
-    return out
+    if not questions:
+        return np.zeros(0, dtype=np.float32)
+    pairs = [(str(q), str(p)) for q, p in zip(questions, passages, strict=True)]
+    scores = model.predict(
+        pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(), convert_to_numpy=True,
+        show_progress_bar=False, processing_kwargs={"text": {"max_length": max_length}},
+    )
+    return np.asarray(scores, dtype=np.float32).reshape(len(pairs))
 
 
 class RewardScoreBatch:
@@ -124,10 +160,8 @@ class RewardScoreBatch:
     ) -> None:
         import torch
 
-        from uae_ray.index.source import resolve_on_worker
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_reward_model(resolve_on_worker(model_path, run_dir), device)
+        self.model = load_reward_model(resolve_model_on_worker(model_path, run_dir), device)
         self.max_length = max_length
         self.batch_size = batch_size
         self.question_column = question_column
@@ -139,7 +173,7 @@ class RewardScoreBatch:
             if col not in batch:
                 raise KeyError(f"RewardScoreBatch: batch has no column {col!r} (columns: {sorted(batch)})")
         batch[self.output_column] = score_pairs(
-            self.model, self.tokenizer, list(batch[self.question_column]), list(batch[self.text_column]),
+            self.model, list(batch[self.question_column]), list(batch[self.text_column]),
             max_length=self.max_length, batch_size=self.batch_size,
         )
         return batch

@@ -52,11 +52,11 @@ from uae_ray.data.schema import (
 )
 from uae_ray.labeling.core import attach_fingerprints, join_pair_inputs
 from uae_ray.labeling.fingerprint import label_device, settings_key
-from uae_ray.labeling.pipeline import BaselineBatch, LabelPairsBatch, split_blocks
+from uae_ray.labeling.pipeline import BaselineBatch, LabelPairsBatch
 from uae_ray.labeling.prompts import prompt_version_for
 from uae_ray.labeling.scorers import SKIP_INFERENCE_ERROR
 from uae_ray.models.registry import resolve_dtype
-from uae_ray.runtime import RunDir
+from uae_ray.runtime import RunDir, split_blocks
 
 log = logging.getLogger("uae_ray")
 _PART = re.compile(r"^part-[A-Za-z0-9-]+\.parquet$")

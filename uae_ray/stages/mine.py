@@ -22,9 +22,8 @@ import pyarrow.compute as pc
 
 from uae_ray.config import MineConfig
 from uae_ray.data.schema import CANDIDATES, CORPUS, MINE_REPORT, QUERIES, TEACHER_SCORES
-from uae_ray.labeling.pipeline import split_blocks
 from uae_ray.mining import Pool, decide_scope, ensure_gold, mix_reward, pools_to_table, search_ip
-from uae_ray.runtime import RunDir
+from uae_ray.runtime import RunDir, split_blocks
 
 log = logging.getLogger("uae_ray")
 

@@ -26,12 +26,12 @@ log = logging.getLogger("uae_ray")
 LOSS_PLOT = "reward_train_loss.png"
 
 
-def _score_groups(model: Any, tok: Any, groups: list[RewardGroup], max_length: int) -> list[np.ndarray]:
+def _score_groups(model: Any, groups: list[RewardGroup], max_length: int) -> list[np.ndarray]:
     from uae_ray.models.reward import score_pairs
 
     qs = [g.question for g in groups for _ in g.pids]
     ps = [p for g in groups for p in g.passages]
-    flat = score_pairs(model, tok, qs, ps, max_length=max_length)
+    flat = score_pairs(model, qs, ps, max_length=max_length)
     out, start = [], 0
     for g in groups:
         out.append(flat[start : start + len(g.pids)])
@@ -63,17 +63,16 @@ def run(cfg: TrainRewardConfig, run_dir: RunDir) -> dict:
     model_dir = run_dir.fetch_dir(REWARD_MODEL)
     state = json.loads((model_dir / "training.json").read_text())["state"]
 
-    from uae_ray.models.reward import build_reward_model
+    from uae_ray.models.reward import read_reward_model
 
-    model, tok = build_reward_model(str(model_dir))
-    model.eval()
+    model = read_reward_model(str(model_dir))  # not the per-process cache: this directory was just rewritten
     evaluation: dict[str, Any] = {}
     candidates = run_dir.read_table(CANDIDATES) if run_dir.exists(CANDIDATES) else None
     for name, split_groups in (("heldout", heldout), ("dev", dev)):
         sub = split_groups[: cfg.eval_max_queries]
         if not sub:
             continue
-        evaluation[name] = {"reward_model": ranking_quality(sub, _score_groups(model, tok, sub, cfg.max_length))}
+        evaluation[name] = {"reward_model": ranking_quality(sub, _score_groups(model, sub, cfg.max_length))}
         if candidates is not None:
             base_groups, base_scores = pool_scores(sub, candidates)
             if base_groups:

@@ -144,7 +144,7 @@ def reward_train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop of the cross-encoder reward model (listwise KL + Huber on utilities)."""
     import ray.train.torch
 
-    from uae_ray.models.reward import build_reward_model, tokenize_pairs
+    from uae_ray.models.reward import build_reward_model, save_reward_model, tokenize_pairs
 
     cfg = TrainRewardConfig.model_validate(config["cfg"])
     groups = [RewardGroup(**g) for g in config["examples"]]
@@ -173,8 +173,7 @@ def reward_train_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         final = unwrap(model)
         with RunDir(config["run_dir"]).staged_dir(config["output"]) as out:
-            final.save_pretrained(out, safe_serialization=True)
-            tok.save_pretrained(out)
+            save_reward_model(final, tok, out, cfg.max_length)  # a directory CrossEncoder(path) loads
             (out / "training.json").write_text(json.dumps({"config": config["cfg"], "state": asdict(state)}))
 
 

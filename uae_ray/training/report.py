@@ -11,26 +11,17 @@ from uae_ray.metrics import ndcg_at_k, utility_gains
 from uae_ray.training.data import RewardGroup
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1 with ties averaged."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    for v in np.unique(x):
-        tie = x == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Spearman rank correlation (ties averaged); None when either side is constant or has < 2 values."""
-    if len(a) < 2:
+    """Spearman rank correlation (``scipy.stats.spearmanr``, ties averaged); None when either side is constant or has
+    < 2 values (undefined there)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) != len(b):
+        raise ValueError(f"spearman: {len(a)} scores but {len(b)} utilities")
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
-    ra, rb = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def ranking_quality(groups: list[RewardGroup], scores: list[np.ndarray], k: int = 10) -> dict[str, Any]:
