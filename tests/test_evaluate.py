@@ -107,7 +107,6 @@ def test_rerank_reuses_identical_top_k_and_charges_its_time():
 
 
 def test_evaluate_tiny_run_dir(tmp_path: Path):
-    from uae_ray.models.registry import resolve
     from uae_ray.stages import evaluate
 
     rd, passages, queries, utils = _tiny_run_dir(tmp_path / "run")
@@ -115,11 +114,9 @@ def test_evaluate_tiny_run_dir(tmp_path: Path):
     # labels only for the pool of the first query: the rest must be labeled on demand for ExpUtil
     first = queries[0]["qid"]
     _write_utilities(rd, {k: v for k, v in utils.items() if k[0] == first}, label)
-    # a student encoder directory (here: a copy of the base MiniLM) so the UAE system exists
-    enc = rd.local_path(S.ENCODER)
-    shutil.copytree(resolve("all-minilm-l6-v2").path, enc)
-    (enc / "_SUCCESS").write_text("ok\n")
-    cfg = EvaluateConfig(split="dev", label=label, ks=[1, 3], exp_util_ks=[1], rerank_top_k=3, rankgpt_window=3,
+    # a student encoder directory (here: a copy of the base MiniLM, calibrated on the stored labels) so UAE exists
+    _student_with_calibration(rd)
+    cfg = EvaluateConfig(split="dev", label=label, ks=[1, 3], exp_util_ks=[1, 2], rerank_top_k=3, rankgpt_window=3,
                          rankgpt_step=2, llm_rerank_max_queries=1, generate_max_queries=2, max_new_tokens=4,
                          open_scope="corpus", llm_dtype="float32")
     summary = evaluate.run(cfg, rd)
@@ -157,6 +154,11 @@ def test_evaluate_tiny_run_dir(tmp_path: Path):
     for png in report["plots"]:
         assert (rd.local_path(S.EVAL) / png).read_bytes()[:4] == b"\x89PNG"
     assert "| uae |" in (rd.local_path(S.EVAL) / "report.md").read_text()
+    # adaptive k against fixed k: Token F1 on the generated subset; fixed k = 1 is the main table's F1@1 of UAE
+    row = report["calibration"]["adaptive_k"]["pool"]["rows"][0]
+    assert row["fixed_k"] == 1 and row["f1_n"] == 2
+    assert row["f1_fixed"] == pytest.approx(pool["systems"]["uae"]["generation"]["f1@1"])
+    assert row["f1_adaptive"] is not None and row["f1_diff"]["n"] == 2
     # open setting over the whole corpus exists too; a rerun reuses stored rankings
     assert report["settings"]["open"]["systems"]["bm25"]["n_queries"] == len(queries)
     before = (rd.local_path(S.EVAL) / "rankings" / "pool__upr.parquet").stat().st_mtime_ns
@@ -308,3 +310,10 @@ def test_compare_systems_pairs_queries_and_skips_absent_references():
     assert eu["n"] == 2 and eu["diff"] == pytest.approx(0.25)  # q2 has no base ExpUtil: left out, counted in n
     md = comparisons_markdown(comps)
     assert "| uae | base | 2/3 | +66.7 [" in md and "+0.250" in md
+    # the benchmark tables (bench_train.py): a column per metric against the first row
+    from uae_ray.eval.stats import table_with_intervals
+
+    rows = table_with_intervals([{"encoder": n, "per_query": per_q[n]} for n in ("base", "uae")], "encoder",
+                                metrics=["recall@1"])
+    assert rows[0] == {"encoder": "base", "Δrecall@1 vs base": "-"}
+    assert rows[1]["Δrecall@1 vs base"].startswith("+66.7 [") and "p=" in rows[1]["Δrecall@1 vs base"]

@@ -131,7 +131,8 @@ def fit_for_encoder(run_dir: RunDir, model_dir: str, trained_splits: Sequence[st
     missing = sorted(need - set(texts))
     if missing:
         raise CalibrationError(f"{run_dir.path(UTILITIES)}: labeled pids not in {CORPUS}: {missing[:5]}")
-    scores = score_pairs(load_encoder(model_dir), questions, texts, pairs.qids, pairs.pids,
+    # a fresh model, not load_encoder's per-process cache: a retrain in this process writes new weights to the path
+    scores = score_pairs(load_encoder.__wrapped__(model_dir), questions, texts, pairs.qids, pairs.pids,
                          passage_max_length=_passage_max_length(model_dir))
     note = " (in sample: every labeled split was trained on)" if pairs.in_sample else ""
     left = f", {pairs.queries_left_out} queries left out past {MAX_PAIRS} pairs" if pairs.queries_left_out else ""
@@ -186,6 +187,8 @@ def crossfit_expected(scores: np.ndarray, utilities: np.ndarray, groups: Sequenc
         return None
     out = np.empty(len(scores), dtype=np.float64)
     for train, test in GroupKFold(n_splits=min(n_folds, n_groups)).split(scores, utilities, groups=list(groups)):
+        if len(train) < 2:
+            return None  # a fold too small to fit on
         out[test] = fit_calibration(scores[train], utilities[train]).expected_utility(scores[test])
     return out
 

@@ -159,3 +159,14 @@ def interval_columns(per_query: Mapping[str, Mapping[str, Mapping[str, Any]]], r
             out[name][f"Δ{m} vs {reference}"] = "-" if name == reference else format_difference(
                 res[name][m], scale=scale, digits=digits)
     return out
+
+
+def table_with_intervals(rows: list[dict[str, Any]], name_key: str,
+                         metrics: Sequence[str] = ("R@1", "MAP", "ExpUtil@1")) -> list[dict[str, Any]]:
+    """Benchmark rows (each with a ``per_query`` {qid: {metric: value}} entry, popped here) with one column per
+    metric: the paired difference to the first row, its 95% bootstrap interval and p (``bench_train.py`` tables)."""
+    per_query = {str(r[name_key]): r.pop("per_query") for r in rows if "per_query" in r}
+    if not rows or str(rows[0][name_key]) not in per_query:
+        return rows
+    cols = interval_columns(per_query, str(rows[0][name_key]), metrics)
+    return [{**r, **cols.get(str(r[name_key]), {})} for r in rows]

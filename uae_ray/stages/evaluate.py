@@ -2,7 +2,9 @@
 
 Steps (each resumable: rankings, on-demand labels and answers are stored under ``eval/`` and reused when current):
 rank the split's queries with every system -> label the top-k passages that have no utility yet (ExpUtil) ->
-generate answers from the top contexts (Token F1, ROUGE-L) -> metrics per system and setting -> report and plots.
+generate answers from the top contexts (Token F1, ROUGE-L) -> metrics per system and setting, paired differences with
+intervals against base and the gold-only ablation, the student's expected-utility calibration per score decile and
+adaptive k against fixed k -> report and plots.
 """
 
 from __future__ import annotations
@@ -163,7 +165,8 @@ def run(cfg: EvaluateConfig, run_dir: RunDir) -> dict[str, Any]:
         finish_adaptive(calib.report, answers, {q: answers_q[q_rows[q]] for q in qids}, gen_q)
     report = _report(cfg, run_dir, rankings, labels, gold, answers, answers_q, q_rows, built, scope,
                      corpus, len(qids), label_info, skipped_settings,
-                     calibration=calib.report if calib is not None else built.skipped.get("uae"))
+                     calibration=calib.report if calib is not None else built.skipped.get(
+                         "uae", "the student (uae) is not among evaluate.systems"))
     return {"report": run_dir.path(f"{EVAL}/report.json"), "speedup_vs_llm": {
         s: b.get("speedup_vs_llm") for s, b in report["settings"].items()}, "skipped": built.skipped}
 
@@ -222,7 +225,7 @@ def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str]
             labels: dict[str, dict[str, float]], gold: dict[str, set[str]], answers: dict[str, str],
             answers_q: list[list[str]], q_rows: dict[str, int], built: Any, scope: str, corpus: Corpus,
             n_queries: int, label_info: dict[str, Any], skipped_settings: dict[str, str], *,
-            calibration: dict[str, Any] | str | None) -> dict[str, Any]:
+            calibration: dict[str, Any] | str) -> dict[str, Any]:
     from uae_ray import metrics as M
 
     names = [f"recall@{k}" for k in cfg.ks] + ["mrr", "map", "ndcg@10", "ndcg@10_gold"] + \
@@ -279,8 +282,7 @@ def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str]
                               f"percentile, {N_RESAMPLES} resamples of queries)",
                               "p_value": f"two-sided paired randomization test (scipy.stats.permutation_test, sign "
                               f"flips, {N_RESAMPLES} resamples)", "references": list(REFERENCES)},
-        "calibration": {"skipped": calibration} if isinstance(calibration, str) or calibration is None
-        else calibration,
+        "calibration": {"skipped": calibration} if isinstance(calibration, str) else calibration,
     }
     if settings:  # drawn locally, then written into the run dir atomically (a local path or an object store)
         with tempfile.TemporaryDirectory(prefix="uae_ray_plots-") as tmp:
