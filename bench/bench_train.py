@@ -32,6 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from uae_ray.config import TrainEncoderConfig, TrainRewardConfig, TrainScaling  # noqa: E402
 from uae_ray.data import schema  # noqa: E402
+from uae_ray.eval.stats import table_with_intervals  # noqa: E402
 from uae_ray.metrics import average_precision, recall_at_k  # noqa: E402
 from uae_ray.runtime import RunDir, init_ray  # noqa: E402
 
@@ -66,7 +67,7 @@ def pool_metrics(run_dir: RunDir, encoder: str, split: str = "dev", max_length: 
     pids = sorted({p for qid in qids for p in pools[qid]})
     pvec = dict(zip(pids, encode(model, [texts[p] for p in pids], max_length=max_length), strict=True))
     qvec = encode(model, [q[qid]["question"] for qid in qids], max_length=64)
-    r1, ap, eu1, gold_in_pool = [], [], [], 0
+    r1, ap, eu1, gold_in_pool, per_query = [], [], [], 0, {}
     for qid, v in zip(qids, qvec, strict=True):
         cand = pools[qid]
         scores = np.stack([pvec[p] for p in cand]) @ v
@@ -77,8 +78,9 @@ def pool_metrics(run_dir: RunDir, encoder: str, split: str = "dev", max_length: 
         ap.append(average_precision(ranking, gold))
         if (qid, ranking[0]) in util:
             eu1.append(util[(qid, ranking[0])])
+        per_query[qid] = {"R@1": r1[-1], "MAP": ap[-1], "ExpUtil@1": util.get((qid, ranking[0]))}
     return {"queries": len(qids), "gold_in_pool": gold_in_pool, "R@1": float(np.mean(r1)), "MAP": float(np.mean(ap)),
-            "ExpUtil@1": float(np.mean(eu1)) if eu1 else None, "ExpUtil@1_n": len(eu1)}
+            "ExpUtil@1": float(np.mean(eu1)) if eu1 else None, "ExpUtil@1_n": len(eu1), "per_query": per_query}
 
 
 # ------------------------------------------------------------------------------------------------------ throughput
@@ -160,7 +162,7 @@ def sweep(run_dir: RunDir, points: list[dict[str, float]], base: dict) -> list[d
         shown = {k: getattr(cfg, k) for k in ("tau_s", "tau_t", "gold_mix", "n_hard_negatives", "lr")}
         changed = ",".join(f"{k}={v}" for k, v in point.items()) or "defaults"
         rows.append({"point": changed, **shown, **metrics, "seconds": round(time.perf_counter() - t0, 1)})
-        print(rows[-1], flush=True)
+        print({k: v for k, v in rows[-1].items() if k != "per_query"}, flush=True)
     return rows
 
 
@@ -218,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             base = {"epochs": args.epochs, "max_passage_length": args.max_passage_length,
                     "queries_per_step": args.sweep_queries_per_step}
             rows = sweep(run_dir, sweep_points(_parse_grid(args.grid), args.one_at_a_time), base)
+    if args.mode != "throughput":  # paired differences to the first row (base / the defaults), 95% intervals and p
+        rows = table_with_intervals(rows, "encoder" if args.mode == "pool-eval" else "point")
     out = RESULTS / f"bench_train_{args.mode}{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps({"command": " ".join(sys.argv), "run_dir": args.run_dir, "rows": rows}, indent=2))
     print(_table(rows))

@@ -127,6 +127,9 @@ def test_standalone_train_encoder_current_stale_forced_and_foreign_checkpoints(r
     assert main(base) == 0
     first = marker()
     assert first["status"] == "done" and report()["steps"] == steps and report()["resumed_from_step"] == []
+    # the student's utility calibration is committed into encoder/ (no dev split here: fitted in sample, and says so)
+    assert "calibration.json" in json.loads((rd.local_path("encoder") / "_SUCCESS").read_text())["files"]
+    assert "in sample" in report()["calibration"]["source"] and report()["calibration"]["n_pairs"] > 0
     model_version = (rd.local_path("encoder") / "_SUCCESS").read_text()
 
     caplog.clear()

@@ -107,7 +107,6 @@ def test_rerank_reuses_identical_top_k_and_charges_its_time():
 
 
 def test_evaluate_tiny_run_dir(tmp_path: Path):
-    from uae_ray.models.registry import resolve
     from uae_ray.stages import evaluate
 
     rd, passages, queries, utils = _tiny_run_dir(tmp_path / "run")
@@ -115,11 +114,9 @@ def test_evaluate_tiny_run_dir(tmp_path: Path):
     # labels only for the pool of the first query: the rest must be labeled on demand for ExpUtil
     first = queries[0]["qid"]
     _write_utilities(rd, {k: v for k, v in utils.items() if k[0] == first}, label)
-    # a student encoder directory (here: a copy of the base MiniLM) so the UAE system exists
-    enc = rd.local_path(S.ENCODER)
-    shutil.copytree(resolve("all-minilm-l6-v2").path, enc)
-    (enc / "_SUCCESS").write_text("ok\n")
-    cfg = EvaluateConfig(split="dev", label=label, ks=[1, 3], exp_util_ks=[1], rerank_top_k=3, rankgpt_window=3,
+    # a student encoder directory (here: a copy of the base MiniLM, calibrated on the stored labels) so UAE exists
+    _student_with_calibration(rd)
+    cfg = EvaluateConfig(split="dev", label=label, ks=[1, 3], exp_util_ks=[1, 2], rerank_top_k=3, rankgpt_window=3,
                          rankgpt_step=2, llm_rerank_max_queries=1, generate_max_queries=2, max_new_tokens=4,
                          open_scope="corpus", llm_dtype="float32")
     summary = evaluate.run(cfg, rd)
@@ -157,6 +154,11 @@ def test_evaluate_tiny_run_dir(tmp_path: Path):
     for png in report["plots"]:
         assert (rd.local_path(S.EVAL) / png).read_bytes()[:4] == b"\x89PNG"
     assert "| uae |" in (rd.local_path(S.EVAL) / "report.md").read_text()
+    # adaptive k against fixed k: Token F1 on the generated subset; fixed k = 1 is the main table's F1@1 of UAE
+    row = report["calibration"]["adaptive_k"]["pool"]["rows"][0]
+    assert row["fixed_k"] == 1 and row["f1_n"] == 2
+    assert row["f1_fixed"] == pytest.approx(pool["systems"]["uae"]["generation"]["f1@1"])
+    assert row["f1_adaptive"] is not None and row["f1_diff"]["n"] == 2
     # open setting over the whole corpus exists too; a rerun reuses stored rankings
     assert report["settings"]["open"]["systems"]["bm25"]["n_queries"] == len(queries)
     before = (rd.local_path(S.EVAL) / "rankings" / "pool__upr.parquet").stat().st_mtime_ns
@@ -193,3 +195,125 @@ def test_evaluate_retrievers_only_report_and_skips(tmp_path: Path):
     md = (rd.local_path(S.EVAL) / "report.md").read_text()
     assert "## pool setting" in md and "skipped `uae`" in md
     assert all((rd.local_path(S.EVAL) / p).exists() for p in report["plots"])
+    # paired differences against the base encoder, recomputed from the stored rankings; no student: no calibration
+    bm25 = rd.read_table(f"{S.EVAL}/rankings/pool__bm25.parquet").to_pylist()
+    gold = {q["qid"]: set(q["gold_pids"]) for q in queries}
+    diff = np.mean([(b["pids"][0] in gold[b["qid"]]) - (r["pids"][0] in gold[r["qid"]])
+                    for b, r in zip(bm25, pool, strict=True)])
+    res = report["settings"]["pool"]["comparisons"]["base"]["bm25"]["recall@1"]
+    assert res["n"] == len(queries) and res["diff"] == pytest.approx(diff) and res["ci_low"] <= diff <= res["ci_high"]
+    assert "infonce" not in report["settings"]["pool"]["comparisons"] and "| bm25 | base |" in md
+    assert "encoder" in report["calibration"]["skipped"]
+
+
+def _student_with_calibration(rd: RunDir) -> dict:
+    """A student directory (a committed copy of the base MiniLM) with its calibration fitted by train-encoder's
+    step on the run's dev labels."""
+    from uae_ray.eval.calibrate import calibrate_encoder
+    from uae_ray.models.registry import resolve
+
+    with rd.staged_dir(S.ENCODER) as d:
+        shutil.copytree(resolve("all-minilm-l6-v2").path, d, dirs_exist_ok=True)
+    return calibrate_encoder(rd, S.ENCODER, ["train"])
+
+
+def test_evaluate_calibration_adaptive_k_and_intervals(tmp_path: Path):
+    """The student's calibration (committed into encoder/), its decile table, adaptive k against fixed k, and the
+    paired statistics; the student is a copy of the base encoder, so every difference to base is exactly 0."""
+    from uae_ray.calibration import load_calibration
+    from uae_ray.stages import evaluate
+
+    rd, _, queries, utils = _tiny_run_dir(tmp_path / "run")
+    label = LabelConfig()
+    _write_utilities(rd, utils, label)
+    summary = _student_with_calibration(rd)
+    enc = rd.local_path(S.ENCODER)
+    record = json.loads((enc / "_SUCCESS").read_text())
+    assert "calibration.json" in record["files"] and (enc / "model.safetensors").exists()  # committed with the model
+    cal = load_calibration(enc / "calibration.json")
+    assert cal.n_pairs == len(utils) == summary["n_pairs"] and cal.source.startswith("dev split")
+    assert np.all(np.diff(cal.expected_utility(np.linspace(-1, 1, 201))) >= 0)
+
+    cfg = EvaluateConfig(split="dev", label=label, systems=["bm25", "base", "uae"], ks=[1, 2], exp_util_ks=[1, 3],
+                         generate=False, open_scope="document")
+    evaluate.run(cfg, rd)
+    report = json.loads((rd.local_path(S.EVAL) / "report.json").read_text())
+    c = report["calibration"]
+    assert c["calibration"] == "encoder/calibration.json" and c["in_sample"] is True
+    assert c["n_pairs"] == len(utils) and sum(r["n"] for r in c["deciles"]) == len(utils) and len(c["deciles"]) == 10
+    assert all(r["expected_cv"] is not None for r in c["deciles"])
+    # the decile's measured utility is the mean hand-made label of its pairs: gold 2.0, distractors -0.5, others 0.1
+    assert all(-0.5 <= r["measured"] <= 2.0 for r in c["deciles"])
+    assert np.all(np.diff([r["expected"] for r in c["deciles"]]) >= 0)
+    for setting in ("pool", "open"):
+        block = c["adaptive_k"][setting]
+        assert block["n_queries"] == len(queries) and [r["fixed_k"] for r in block["rows"]] == [1, 2]
+        row = block["rows"][0]
+        # fixed k = 1 is the ExpUtil@1 of the student in the main table (same queries, same labels)
+        assert row["exputil_fixed"] == pytest.approx(report["settings"][setting]["systems"]["uae"]["exputil@1"])
+        # the floor's mean k is the closest the calibration's levels allow (exact matching: test_calibration.py)
+        assert sum(row["k_hist"].values()) == len(queries) == len(row["per_query_k"])
+        assert row["mean_k"] == pytest.approx(sum(int(k) * n for k, n in row["k_hist"].items()) / len(queries))
+        assert row["exputil_diff"]["n"] == len(queries) and row["f1_n"] == 0  # no generation in this run
+    for setting in ("pool", "open"):
+        for metric in ("recall@1", "mrr", "map", "exputil@1"):
+            res = report["settings"][setting]["comparisons"]["base"]["uae"][metric]
+            assert res["diff"] == 0.0 and res["ci_low"] == res["ci_high"] == 0.0 and res["p_value"] == 1.0
+    md = (rd.local_path(S.EVAL) / "report.md").read_text()
+    assert "| score decile |" in md and "Adaptive k (pool setting)" in md and "| uae | base |" in md
+    assert "calibration.png" in report["plots"]
+    assert (rd.local_path(S.EVAL) / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------- paired statistics
+def test_paired_difference_known_answers():
+    from scipy import stats as sst
+
+    from uae_ray.eval.stats import paired_difference
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, 120).astype(float)
+    same = paired_difference(a, a.copy())
+    assert same["n"] == 120 and same["diff"] == 0.0 and same["ci_low"] <= 0.0 <= same["ci_high"]
+    assert same["p_value"] == 1.0
+    # a constant gain on 5 queries: the exact sign-flip test gives p = 2 / 2^5, the interval is the gain itself
+    five = paired_difference(np.ones(5), np.zeros(5))
+    assert five["diff"] == 1.0 and five["ci_low"] == five["ci_high"] == 1.0
+    assert five["p_value"] == pytest.approx(2 / 32)
+    # a clearly better system: +0.3 on average with noise -> the interval excludes 0 and p is tiny
+    b = rng.normal(0.5, 0.2, 200)
+    better = b + 0.3 + rng.normal(0, 0.2, 200)
+    res = paired_difference(better, b)
+    assert res["diff"] == pytest.approx(float(np.mean(better - b)))
+    assert 0.0 < res["ci_low"] < res["diff"] < res["ci_high"] and res["p_value"] < 0.001
+    # the bootstrap interval agrees with the t interval of the mean difference at this n (within 10% of its width)
+    t_lo, t_hi = sst.ttest_rel(better, b).confidence_interval(0.95)
+    assert abs(res["ci_low"] - t_lo) < 0.1 * (t_hi - t_lo) and abs(res["ci_high"] - t_hi) < 0.1 * (t_hi - t_lo)
+    # a small noisy difference: the p-value of the randomization test is close to the paired t-test's
+    c = b + rng.normal(0.02, 0.2, 200)
+    assert paired_difference(c, b)["p_value"] == pytest.approx(sst.ttest_rel(c, b).pvalue, abs=0.03)
+    with pytest.raises(ValueError, match="one length"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_compare_systems_pairs_queries_and_skips_absent_references():
+    from uae_ray.eval.stats import compare_systems, comparisons_markdown
+
+    per_q = {"base": {"q1": {"recall@1": 0.0, "exputil@1": 0.1}, "q2": {"recall@1": 1.0, "exputil@1": None},
+                      "q3": {"recall@1": 0.0, "exputil@1": 0.3}},
+             "uae": {"q1": {"recall@1": 1.0, "exputil@1": 0.5}, "q2": {"recall@1": 1.0, "exputil@1": 0.2},
+                     "q3": {"recall@1": 1.0, "exputil@1": 0.4}}}
+    comps = compare_systems(per_q, metrics=["recall@1", "exputil@1"])
+    assert set(comps) == {"base"}  # no gold-only ablation here: no comparison against it
+    r1, eu = comps["base"]["uae"]["recall@1"], comps["base"]["uae"]["exputil@1"]
+    assert r1["n"] == 3 and r1["diff"] == pytest.approx(2 / 3)
+    assert eu["n"] == 2 and eu["diff"] == pytest.approx(0.25)  # q2 has no base ExpUtil: left out, counted in n
+    md = comparisons_markdown(comps)
+    assert "| uae | base | 2/3 | +66.7 [" in md and "+0.250" in md
+    # the benchmark tables (bench_train.py): a column per metric against the first row
+    from uae_ray.eval.stats import table_with_intervals
+
+    rows = table_with_intervals([{"encoder": n, "per_query": per_q[n]} for n in ("base", "uae")], "encoder",
+                                metrics=["recall@1"])
+    assert rows[0] == {"encoder": "base", "Δrecall@1 vs base": "-"}
+    assert rows[1]["Δrecall@1 vs base"].startswith("+66.7 [") and "p=" in rows[1]["Δrecall@1 vs base"]

@@ -211,12 +211,21 @@ def test_index_stage_encodes_builds_and_skips_when_current(tmp_path, ray_session
     # a run-dir encoder ("run:encoder", what train-encoder writes): the actors resolve it on their own node
     import shutil
 
+    from uae_ray.calibration import fit_calibration, load_calibration, save_calibration
     from uae_ray.models.registry import resolve
 
+    assert not (rd.local_path(INDEX) / version / "calibration.json").exists()  # a registry encoder has none
+    assert summary["calibration"] is None
     with rd.staged_dir("encoder") as d:
         shutil.copytree(resolve("all-minilm-l6-v2").path, d, dirs_exist_ok=True)
+        save_calibration(fit_calibration(np.linspace(0, 1, 50), np.linspace(-1, 2, 50) ** 3), d / "calibration.json")
     own = index_stage.run(cfg.model_copy(update={"encoder": "run:encoder"}), rd)
     assert own["skipped"] is False and own["vectors"] == 18 and own["version"] > version
+    # the student's calibration travels with the index version it scores (committed in it, named in its manifest)
+    carried = rd.local_path(INDEX) / own["version"] / "calibration.json"
+    assert carried.read_bytes() == (rd.local_path("encoder") / "calibration.json").read_bytes()
+    assert "calibration.json" in json.loads((carried.parent / "_SUCCESS").read_text())["files"]
+    assert own["calibration"] == "calibration.json" and load_calibration(carried).n_pairs == 50
     assert list_versions(rd, INDEX) == [version, own["version"]]  # the old version stays, untouched
     _, pids2 = ShardedIndex.load(rd.local_path(INDEX)).search(q, 3)
     assert sorted(pids2[0]) == sorted(pids[0])

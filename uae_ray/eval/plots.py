@@ -75,3 +75,38 @@ def quality_vs_latency(settings: Mapping[str, Any], metric: str, out: Path) -> P
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def calibration_deciles(section: Mapping[str, Any], out: Path) -> Path:
+    """Reliability of the expected utility: measured against expected utility per score decile (stored calibration
+    and cross-fitted), with the diagonal; marker size by the decile's pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = section["deciles"]
+    measured = [r["measured"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    sizes = [20 + 200 * r["n"] / max(r["n"] for r in rows) for r in rows]
+    label = "stored calibration" + (" (in sample)" if section.get("in_sample") else "")
+    ax.scatter([r["expected"] for r in rows], measured, s=sizes, color="tab:red", label=label, zorder=3)
+    if all(r["expected_cv"] is not None for r in rows):
+        ax.scatter([r["expected_cv"] for r in rows], measured, s=sizes, color="tab:blue", marker="s",
+                   label="cross-fitted (5-fold by query)", zorder=3)
+    values = measured + [r["expected"] for r in rows] + [r["expected_cv"] for r in rows if r["expected_cv"] is not None]
+    lo, hi = min(values), max(values)
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--", label="perfect calibration")
+    for r in rows:
+        ax.annotate(str(r["decile"]), (r["expected"], r["measured"]), textcoords="offset points", xytext=(5, 3),
+                    fontsize=7)
+    ax.set_xlabel("expected utility (nats), mean per score decile")
+    ax.set_ylabel("measured utility (nats)")
+    ax.set_title(f"{section.get('system', 'uae')}: {section.get('n_pairs')} labeled pairs, "
+                 f"{section.get('n_queries')} queries")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

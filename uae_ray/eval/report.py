@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from uae_ray import metrics as M
+from uae_ray.eval.stats import comparisons_markdown, format_difference
 
 LLM_SYSTEMS = ("upr", "rankgpt")
 SYSTEM_ORDER = ("bm25", "base", "infonce", "uae", "reward_rerank", "upr", "rankgpt")
@@ -122,11 +123,60 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                            + ", ".join(f"{v:.0f}x over {k}" for k, v in sp.items()) + "  ")
         if block.get("rankgpt_parse"):
             out.append(f"RankGPT permutation parsing (windows): {block['rankgpt_parse']}  ")
+        comps = block.get("comparisons")
+        if comps:
+            method = report.get("comparison_method", {})
+            out += ["", "Paired differences (system minus reference, on the queries both have; points for "
+                    "Recall/MRR/MAP, nats for ExpUtil): mean [" + method.get("interval", "95% interval") + "], "
+                    "p: " + method.get("p_value", "paired test") + ". n: queries compared.", "",
+                    comparisons_markdown(comps, SYSTEM_ORDER), ""]
         reused = {n: b["reranks_reused"] for n, b in block["systems"].items() if b.get("reranks_reused")}
         if reused:
             out.append("Re-rankings reused from an identical (question, base top K) of an earlier setting, charged "
                        f"their measured time: {reused}")
         out.append("")
+    out += calibration_markdown(report.get("calibration") or {})
     for name in report.get("plots", []):
         out.append(f"![{name}]({name})")
     return "\n".join(out) + "\n"
+
+
+def calibration_markdown(section: Mapping[str, Any]) -> list[str]:
+    """report.md lines: the expected-utility calibration per score decile and adaptive k against fixed k."""
+    if not section:
+        return []
+    out = ["## Expected utility per hit: calibration and adaptive k", ""]
+    if section.get("skipped"):
+        return [*out, f"Not measured: {section['skipped']}", ""]
+    out += [f"Calibration of `{section['system']}`: {section['calibration']}, fitted on {section['fit_source']} "
+            f"({section['fit_pairs']} pairs). Checked on {section.get('n_pairs')} labeled pairs of "
+            f"{section.get('n_queries')} evaluated queries"
+            + (" (the same split it was fitted on: the stored column is in sample; the cross-fitted column, an "
+               "isotonic fit on the other folds' queries, is the out-of-sample check)" if section.get("in_sample")
+               else "") + f"; Spearman(score, utility) {_fmt(section.get('spearman_score_utility'))}, "
+            f"mean absolute error {_fmt(section.get('mae_expected'))} (stored), "
+            f"{_fmt(section.get('mae_expected_cv'))} (cross-fitted) nats.", ""]
+    if section.get("deciles"):
+        out += ["| score decile | cosine range | n | expected (stored) | expected (cross-fitted) | measured |",
+                "|---|---|---|---|---|---|"]
+        for r in section["deciles"]:
+            out.append(f"| {r['decile']} | {r['score_min']:.3f} .. {r['score_max']:.3f} | {r['n']} | "
+                       f"{_fmt(r['expected'])} | {_fmt(r['expected_cv'])} | {_fmt(r['measured'])} |")
+        out.append("")
+    for setting, block in section.get("adaptive_k", {}).items():
+        out += [f"Adaptive k ({setting} setting): per query, the longest prefix of `{section['system']}`'s top "
+                f"{block['k_max']} whose expected utility clears a floor (`choose_k`), the floor set so that the mean "
+                f"k matches the fixed k (never tuned on the outcome); a query left with k = 0 counts 0 nats. "
+                f"ExpUtil on the {block['n_queries']} queries whose top {block['k_max']} are labeled "
+                f"({block['left_out_unlabeled']} left out); Token F1 on those of them with generated answers (n F1). "
+                "Differences: adaptive minus fixed, 95% paired-bootstrap interval, randomization-test p.", "",
+                "| fixed k | floor (nats) | mean k | k = 0 | ExpUtil fixed | ExpUtil adaptive | Δ ExpUtil | n F1 | "
+                "F1 fixed | F1 adaptive | Δ F1 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in block["rows"]:
+            out.append(f"| {r['fixed_k']} | {r['floor']:.3f} | {r['mean_k']:.2f} | {100 * r['k0_share']:.0f}% | "
+                       f"{_fmt(r['exputil_fixed'])} | {_fmt(r['exputil_adaptive'])} | "
+                       f"{format_difference(r['exputil_diff'], scale=1.0, digits=3)} | {r.get('f1_n', 0)} | "
+                       f"{_fmt(r.get('f1_fixed'), pct=True)} | {_fmt(r.get('f1_adaptive'), pct=True)} | "
+                       f"{format_difference(r['f1_diff']) if r.get('f1_diff') else '-'} |")
+        out.append("")
+    return out

@@ -154,7 +154,8 @@ def answer_key(qid: str, pids: Sequence[str]) -> str:
 
 def generate_answers(label: LabelConfig, corpus: Corpus, requests: list[tuple[str, str, list[str]]], *,
                      max_new_tokens: int, dtype: str, batch_size: int = 8) -> dict[str, str]:
-    """Greedy answers for (qid, question, context pids): the labeling prompt with the passages joined.
+    """Greedy answers for (qid, question, context pids): the labeling prompt with the passages joined (no pids: the
+    no-passage prompt).
 
     Returns:
         answer_key(qid, pids) -> answer text.
@@ -173,7 +174,8 @@ def generate_answers(label: LabelConfig, corpus: Corpus, requests: list[tuple[st
     for _, question, pids in requests:
         context = "\n\n".join(cut_to_tokens(tok, corpus.texts[corpus.row_of[p]], label.max_passage_tokens)
                                 for p in pids)
-        prompts.append(chat_prompt_ids(tok, build_messages(system, question, context)))
+        # no passages (an adaptive k of 0): the labeling's no-passage prompt
+        prompts.append(chat_prompt_ids(tok, build_messages(system, question, context if pids else None)))
     answers: list[str] = []
     for start in tqdm(range(0, len(prompts), 32), desc="generate answers", leave=False):
         answers += greedy_generate(lm, tok, prompts[start : start + 32], max_new_tokens=max_new_tokens,

@@ -2,7 +2,9 @@
 
 Steps (each resumable: rankings, on-demand labels and answers are stored under ``eval/`` and reused when current):
 rank the split's queries with every system -> label the top-k passages that have no utility yet (ExpUtil) ->
-generate answers from the top contexts (Token F1, ROUGE-L) -> metrics per system and setting -> report and plots.
+generate answers from the top contexts (Token F1, ROUGE-L) -> metrics per system and setting, paired differences with
+intervals against base and the gold-only ablation, the student's expected-utility calibration per score decile and
+adaptive k against fixed k -> report and plots.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from uae_ray.config import EvaluateConfig, LabelConfig
-from uae_ray.data.schema import CANDIDATES, CORPUS, EVAL, MINE_REPORT, QUERIES, UTILITIES
+from uae_ray.data.schema import CANDIDATES, CORPUS, ENCODER, EVAL, MINE_REPORT, QUERIES, UTILITIES
 from uae_ray.eval import plots
+from uae_ray.eval.calibrate import CalibrationEval, evaluate_calibration, finish_adaptive, load_student_calibration
 from uae_ray.eval.report import LLM_SYSTEMS, render_markdown, retrieval_metrics, speedups, summarize, utilities_by_query
 from uae_ray.eval.runner import answer_key, build_systems, fingerprint, generate_answers, label_missing, stable_order
+from uae_ray.eval.stats import COMPARED_METRICS, CONFIDENCE, N_RESAMPLES, REFERENCES, compare_systems
 from uae_ray.eval.systems import Corpus, QueryTask, run_system
 from uae_ray.runtime import RunDir
 
@@ -152,17 +156,43 @@ def run(cfg: EvaluateConfig, run_dir: RunDir) -> dict[str, Any]:
     elif missing:
         label_info["unlabeled_top_pairs"] = len(missing)
 
-    answers = _answers(cfg, label, run_dir, corpus, rankings, questions, q_rows, qids)
+    gen_q = set(qids[: cfg.generate_max_queries]) if cfg.generate else set()
+    calib = _calibration(cfg, run_dir, built, corpus, rankings, labels, questions, q_rows, qids, gen_q)
+    answers = _answers(cfg, label, run_dir, corpus, rankings, questions, q_rows, qids,
+                       extra=calib.contexts if calib is not None else [])
     answers_q = queries_t.column("answers").to_pylist()
+    if calib is not None:
+        finish_adaptive(calib.report, answers, {q: answers_q[q_rows[q]] for q in qids}, gen_q)
     report = _report(cfg, run_dir, rankings, labels, gold, answers, answers_q, q_rows, built, scope,
-                     corpus, len(qids), label_info, skipped_settings)
+                     corpus, len(qids), label_info, skipped_settings,
+                     calibration=calib.report if calib is not None else built.skipped.get(
+                         "uae", "the student (uae) is not among evaluate.systems"))
     return {"report": run_dir.path(f"{EVAL}/report.json"), "speedup_vs_llm": {
         s: b.get("speedup_vs_llm") for s, b in report["settings"].items()}, "skipped": built.skipped}
 
 
+def _calibration(cfg: EvaluateConfig, run_dir: RunDir, built: Any, corpus: Corpus,
+                 rankings: dict[tuple[str, str], pa.Table], labels: dict[str, dict[str, float]], questions: list[str],
+                 q_rows: dict[str, int], qids: list[str], gen_q: set[str]) -> CalibrationEval | None:
+    """The student's expected-utility calibration per score decile and adaptive k (None without a student)."""
+    system = built.systems.get("uae")
+    if system is None:
+        return None
+    trained, encoder_report = ["train"], f"{ENCODER}_report.json"  # train-encoder's report: the splits it trained on
+    if run_dir.exists(encoder_report):
+        trained = run_dir.read_json(encoder_report).get("config", {}).get("splits", trained)
+    cal, origin = load_student_calibration(run_dir, ENCODER, str(run_dir.fetch_dir(ENCODER)), trained)
+    if cal is None:
+        return CalibrationEval({"skipped": origin}, [])
+    return evaluate_calibration(system=system, calibration=cal, origin=origin, eval_split=cfg.split, corpus=corpus,
+                                rankings=rankings, labels=labels, questions={q: questions[q_rows[q]] for q in qids},
+                                qids=qids, exp_util_ks=cfg.exp_util_ks, gen_qids=gen_q)
+
+
 def _answers(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corpus: Corpus,
              rankings: dict[tuple[str, str], pa.Table], questions: list[str], q_rows: dict[str, int],
-             qids: list[str]) -> dict[str, str]:
+             qids: list[str], extra: list[tuple[str, list[str]]]) -> dict[str, str]:
+    """Answers from every system's top-``generate_ks`` contexts and the ``extra`` (qid, pids) contexts."""
     if not cfg.generate:
         return {}
     gen_q = set(qids[: cfg.generate_max_queries])
@@ -178,6 +208,11 @@ def _answers(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corpus: C
                 if q in gen_q and key not in seen:
                     seen.add(key)
                     requests.append((q, questions[q_rows[q]], ps[:g]))
+    for q, ps in extra:
+        key = answer_key(q, ps)
+        if q in gen_q and key not in seen:
+            seen.add(key)
+            requests.append((q, questions[q_rows[q]], list(ps)))
     if requests:
         new = generate_answers(label, corpus, requests, max_new_tokens=cfg.max_new_tokens,
                                dtype=cfg.llm_dtype or label.dtype)
@@ -189,7 +224,8 @@ def _answers(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corpus: C
 def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str], pa.Table],
             labels: dict[str, dict[str, float]], gold: dict[str, set[str]], answers: dict[str, str],
             answers_q: list[list[str]], q_rows: dict[str, int], built: Any, scope: str, corpus: Corpus,
-            n_queries: int, label_info: dict[str, Any], skipped_settings: dict[str, str]) -> dict[str, Any]:
+            n_queries: int, label_info: dict[str, Any], skipped_settings: dict[str, str], *,
+            calibration: dict[str, Any] | str) -> dict[str, Any]:
     from uae_ray import metrics as M
 
     names = [f"recall@{k}" for k in cfg.ks] + ["mrr", "map", "ndcg@10", "ndcg@10_gold"] + \
@@ -226,6 +262,8 @@ def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str]
             block["llm_subset"] = {"n_queries": len(shared), "systems": {
                 n: _system_block([r for q, r in per_q[n].items() if q in shared], names, gen_cols,
                                  [lat[n][q] for q in shared]) for n in per_q}}
+        # paired differences with 95% bootstrap intervals and randomization-test p-values, on shared queries
+        block["comparisons"] = compare_systems(per_q, metrics=[m for m in COMPARED_METRICS if m in names])
         block["speedup_vs_llm"] = speedups(block.get("llm_subset", block))
         # the base encoder has the student's architecture and cost: its ratio stands in when no student exists
         block["speedup_base_vs_llm"] = speedups(block.get("llm_subset", block), student="base")
@@ -240,6 +278,11 @@ def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str]
         "generation_columns": gen_cols, "models": {**built.models, "base": cfg.base_encoder},
         "labels": label_info, "seed": cfg.seed, "skipped_settings": skipped_settings,
         "config": cfg.model_dump(mode="json"), "settings": settings, "plots": [],
+        "comparison_method": {"interval": f"{int(100 * CONFIDENCE)}% paired bootstrap (scipy.stats.bootstrap, "
+                              f"percentile, {N_RESAMPLES} resamples of queries)",
+                              "p_value": f"two-sided paired randomization test (scipy.stats.permutation_test, sign "
+                              f"flips, {N_RESAMPLES} resamples)", "references": list(REFERENCES)},
+        "calibration": {"skipped": calibration} if isinstance(calibration, str) else calibration,
     }
     if settings:  # drawn locally, then written into the run dir atomically (a local path or an object store)
         with tempfile.TemporaryDirectory(prefix="uae_ray_plots-") as tmp:
@@ -248,6 +291,8 @@ def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str]
                      plots.quality_vs_latency(settings, "recall@1", out / "recall1_vs_latency.png"),
                      plots.quality_vs_latency(settings, f"exputil@{cfg.exp_util_ks[0]}",
                                               out / "exputil_vs_latency.png")]
+            if report["calibration"].get("deciles"):
+                drawn.append(plots.calibration_deciles(report["calibration"], out / "calibration.png"))
             for png in drawn:
                 run_dir.write_bytes(f"{EVAL}/{png.name}", png.read_bytes())
             report["plots"] = [png.name for png in drawn]

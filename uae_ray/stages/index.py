@@ -1,7 +1,8 @@
 """``uae-ray index``: encode corpus.parquet with a Ray Data actor pool, then build the sharded FAISS index.
 
 Reads ``corpus.parquet`` and the encoder (``run:encoder`` or a model name); writes a new immutable version
-``index/<version>/`` (shards, ids.parquet, passages.parquet, manifest.json) atomically, then moves the pointer
+``index/<version>/`` (shards, ids.parquet, passages.parquet, manifest.json, and the encoder's calibration.json when it
+has one) atomically, then moves the pointer
 ``index/CURRENT`` to it and keeps the newest ``keep_versions`` versions (see :mod:`uae_ray.index.versions`). Skips the
 work when the current version was built from the same corpus, encoder, factory, shard count and search parameters.
 """
@@ -9,6 +10,7 @@ work when the current version was built from the same corpus, encoder, factory, 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from uae_ray.calibration import CALIBRATION_FILE, load_calibration
 from uae_ray.config import ActorPool, IndexConfig
 from uae_ray.data.schema import CORPUS, INDEX
 from uae_ray.index.build import MANIFEST, build_sharded_index, default_search_params, gpu_available
@@ -96,6 +99,18 @@ def _is_current(manifest: dict[str, Any] | None, cfg: IndexConfig, source: dict[
     )
 
 
+def _encoder_calibration(encoder_path: str) -> Path | None:
+    """The encoder's utility calibration (checked to load), copied into each index version; None when it has none
+    (a registry encoder, or a student trained before calibrations existed: hits then carry no expected utility)."""
+    path = Path(encoder_path) / CALIBRATION_FILE
+    if not path.is_file():
+        log.info("index: %s has no %s: the index version carries no utility calibration", encoder_path,
+                 CALIBRATION_FILE)
+        return None
+    load_calibration(path)  # a malformed file is an error naming it, before any work
+    return path
+
+
 def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
     """Encode the corpus and build ``index/``; returns a summary (skipped when the index is current)."""
     corpus = run_dir.read_table(CORPUS, columns=["pid", "doc_id", "text"])
@@ -119,8 +134,11 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
     log.info("index: encoded %d passages in %.1f s; building %s x %d", len(vectors), encode_s, cfg.factory,
              cfg.num_shards)
     params = default_search_params(cfg.factory, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+    calibration = _encoder_calibration(encoder_path)
 
     def build(out: Path, version: str) -> dict[str, Any]:
+        if calibration is not None:  # part of the version: committed with it, fetched with it, pruned with it
+            shutil.copyfile(calibration, out / CALIBRATION_FILE)
         return build_sharded_index(
             vectors,
             corpus.column("pid").to_pylist(),
@@ -131,7 +149,8 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
             train_sample=cfg.train_sample,
             use_gpu=use_gpu,
             search_params=params,
-            extra={"version": version, "source": source, "encode_seconds": round(encode_s, 3)},
+            extra={"version": version, "source": source, "encode_seconds": round(encode_s, 3),
+                   "calibration": CALIBRATION_FILE if calibration is not None else None},
             passages=corpus.select(["doc_id", "text"]),
         )
 
@@ -148,4 +167,5 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
         "build_seconds": manifest["build_seconds"],
         "built_on": manifest["built_on"],
         "index_dir": run_dir.path(f"{INDEX}/{version}"),
+        "calibration": manifest.get("calibration"),
     }

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from uae_ray.config import TrainEncoderConfig
 from uae_ray.data.schema import CANDIDATES, CORPUS, QUERIES, TEACHER_SCORES, UTILITIES
+from uae_ray.eval.calibrate import calibrate_encoder
 from uae_ray.losses import EncoderLoss
 from uae_ray.runtime import RunDir, ensure_ray
 from uae_ray.training.data import build_encoder_examples
@@ -83,6 +84,9 @@ def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
         "loss_plot": plot,
         "config": cfg.model_dump(),
     }
+    # expected utility per hit: isotonic calibration of the student's cosine on held-out labeled pairs, committed
+    # into the model directory as calibration.json (uae-ray index copies it into each index version)
+    report["calibration"] = calibrate_encoder(run_dir, out, tuple(cfg.splits))
     run_dir.write_json(report_name(out), report)
     return {k: report[k] for k in ("output", "loss", "examples", "steps", "resumed_from_step", "first_loss",
                                    "last_loss")}
