@@ -33,54 +33,44 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from uae_ray.config import TrainEncoderConfig, TrainRewardConfig, TrainScaling  # noqa: E402
 from uae_ray.data import schema  # noqa: E402
 from uae_ray.eval.stats import table_with_intervals  # noqa: E402
-from uae_ray.metrics import average_precision, recall_at_k  # noqa: E402
 from uae_ray.runtime import RunDir, init_ray  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+METRICS = ("recall@1", "map", "exputil@1")  # pool-eval columns (names as evaluate's report)
 SCALINGS = {"1x2cpu": TrainScaling(num_workers=1, cpus_per_worker=2), "2x1cpu": TrainScaling(num_workers=2)}
 
 
 # ------------------------------------------------------------------------------------------------------- pool eval
-def pool_metrics(run_dir: RunDir, encoder: str, split: str = "dev", max_length: int = 256) -> dict[str, float]:
-    """Recall@1, MAP and ExpUtil@1 of ``encoder`` ranking each ``split`` query's candidate pool (gold from
-    queries.parquet; ExpUtil@1: mean labeled utility of the top-1 candidate, over queries whose top-1 is labeled).
+def pool_metrics(run_dir: RunDir, encoder: str, split: str = "dev") -> dict[str, float | int | None]:
+    """Recall@1, MAP and ExpUtil@1 of ``encoder`` ranking each ``split`` query's candidate pool, with the evaluate
+    stage's own code (its pools, :class:`DenseSystem` + :func:`run_system`, :func:`retrieval_metrics`): gold from
+    queries.parquet; ExpUtil@1 over the queries whose top-1 candidate is labeled (``exputil@1_n`` counts them).
 
     ``encoder``: ``base`` (the embedded MiniLM), ``run:<dir>`` (a model directory in the run dir) or a name/path.
     """
-    from uae_ray.models.encoder import encode, load_encoder
+    from uae_ray.eval.report import retrieval_metrics, summarize, utilities_by_query
+    from uae_ray.eval.runner import encode_rows
+    from uae_ray.eval.systems import Corpus, DenseSystem, QueryTask, run_system
+    from uae_ray.models.encoder import load_encoder
+    from uae_ray.models.registry import resolve_model
+    from uae_ray.stages.evaluate import _pools
 
-    name = "all-minilm-l6-v2" if encoder == "base" else encoder
-    if name.startswith("run:"):
-        name = str(run_dir.fetch_dir(name[4:]))
-    model = load_encoder(name)
+    model = load_encoder(resolve_model("all-minilm-l6-v2" if encoder == "base" else encoder, run_dir))
+    corpus = Corpus.from_table(run_dir.read_table(schema.CORPUS, columns=["pid", "doc_id", "text"]))
     q = {r["qid"]: r for r in run_dir.read_table(schema.QUERIES).to_pylist() if r["split"] == split}
-    texts = {r["pid"]: r["text"] for r in run_dir.read_table(schema.CORPUS, columns=["pid", "text"]).to_pylist()}
-    pools: dict[str, list[str]] = {}
-    for r in run_dir.read_table(schema.CANDIDATES, columns=["qid", "pid"]).to_pylist():
-        if r["qid"] in q:
-            pools.setdefault(r["qid"], []).append(r["pid"])
+    pools = _pools(run_dir, corpus, set(q))
     qids = sorted(qid for qid in pools if q[qid]["gold_pids"])
-    util: dict[tuple[str, str], float] = {}
-    if run_dir.exists(schema.UTILITIES):
-        u = run_dir.read_table(schema.UTILITIES, columns=["qid", "pid", "utility"]).to_pylist()
-        util = {(r["qid"], r["pid"]): r["utility"] for r in u if r["qid"] in q}
-    pids = sorted({p for qid in qids for p in pools[qid]})
-    pvec = dict(zip(pids, encode(model, [texts[p] for p in pids], max_length=max_length), strict=True))
-    qvec = encode(model, [q[qid]["question"] for qid in qids], max_length=64)
-    r1, ap, eu1, gold_in_pool, per_query = [], [], [], 0, {}
-    for qid, v in zip(qids, qvec, strict=True):
-        cand = pools[qid]
-        scores = np.stack([pvec[p] for p in cand]) @ v
-        ranking = [cand[i] for i in np.argsort(-scores, kind="stable")]
-        gold = set(q[qid]["gold_pids"])
-        gold_in_pool += bool(gold & set(cand))
-        r1.append(recall_at_k(ranking, gold, 1))
-        ap.append(average_precision(ranking, gold))
-        if (qid, ranking[0]) in util:
-            eu1.append(util[(qid, ranking[0])])
-        per_query[qid] = {"R@1": r1[-1], "MAP": ap[-1], "ExpUtil@1": util.get((qid, ranking[0]))}
-    return {"queries": len(qids), "gold_in_pool": gold_in_pool, "R@1": float(np.mean(r1)), "MAP": float(np.mean(ap)),
-            "ExpUtil@1": float(np.mean(eu1)) if eu1 else None, "ExpUtil@1_n": len(eu1), "per_query": per_query}
+    vectors = encode_rows(model, corpus, np.concatenate([pools[qid] for qid in qids]) if qids else np.zeros(0, int))
+    tasks = [QueryTask(qid, q[qid]["question"], pools[qid]) for qid in qids]
+    depth = max((len(pools[qid]) for qid in qids), default=1)  # the whole pool, ranked
+    ranked = run_system(DenseSystem(encoder, model, vectors), tasks, corpus, k=depth).to_pylist()
+    labels = utilities_by_query(run_dir.read_table(schema.UTILITIES, columns=["qid", "pid", "utility"])
+                                if run_dir.exists(schema.UTILITIES) else None)
+    rows = [retrieval_metrics(r["pids"], set(q[r["qid"]]["gold_pids"]), labels.get(r["qid"]), ks=[1],
+                              exp_util_ks=[1]) for r in ranked]
+    gold_in_pool = sum(bool(set(q[qid]["gold_pids"]) & {corpus.pids[i] for i in pools[qid]}) for qid in qids)
+    per_query = {r["qid"]: {m: row[m] for m in METRICS} for r, row in zip(ranked, rows, strict=True)}
+    return {"gold_in_pool": gold_in_pool, **summarize(rows, list(METRICS)), "per_query": per_query}
 
 
 # ------------------------------------------------------------------------------------------------------ throughput
@@ -221,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                     "queries_per_step": args.sweep_queries_per_step}
             rows = sweep(run_dir, sweep_points(_parse_grid(args.grid), args.one_at_a_time), base)
     if args.mode != "throughput":  # paired differences to the first row (base / the defaults), 95% intervals and p
-        rows = table_with_intervals(rows, "encoder" if args.mode == "pool-eval" else "point")
+        rows = table_with_intervals(rows, "encoder" if args.mode == "pool-eval" else "point", METRICS)
     out = RESULTS / f"bench_train_{args.mode}{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps({"command": " ".join(sys.argv), "run_dir": args.run_dir, "rows": rows}, indent=2))
     print(_table(rows))

@@ -162,7 +162,7 @@ def interval_columns(per_query: Mapping[str, Mapping[str, Mapping[str, Any]]], r
 
 
 def table_with_intervals(rows: list[dict[str, Any]], name_key: str,
-                         metrics: Sequence[str] = ("R@1", "MAP", "ExpUtil@1")) -> list[dict[str, Any]]:
+                         metrics: Sequence[str] = ("recall@1", "map", "exputil@1")) -> list[dict[str, Any]]:
     """Benchmark rows (each with a ``per_query`` {qid: {metric: value}} entry, popped here) with one column per
     metric: the paired difference to the first row, its 95% bootstrap interval and p (``bench_train.py`` tables)."""
     per_query = {str(r[name_key]): r.pop("per_query") for r in rows if "per_query" in r}
