@@ -84,6 +84,12 @@ def _env() -> dict[str, Any]:
         except Exception as e:  # a step that needs it records the reason
             out["imports"][name] = f"missing: {type(e).__name__}: {str(e)[:160]}"
     try:
+        import faiss
+
+        out["faiss_gpus"] = int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    except ImportError:
+        out["faiss_gpus"] = 0
+    try:
         import torch
 
         out["cuda"] = torch.cuda.is_available()
@@ -291,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[step]["report"] = json.loads(report.read_text())
             elif step == "faiss":
                 results[step] = step_faiss(commands["faiss"], args.work / "run", log)
+                # the index stage falls back to CPU (with a warning) when faiss sees no GPU: then both builds are CPU
+                results[step]["built_on_gpu"] = env["faiss_gpus"] > 0
             elif step == "serve":
                 results[step] = step_serve(commands["serve"][0], port, log)
         except Exception as e:  # record and go on: the other steps still say something
