@@ -41,17 +41,18 @@ LABEL_SETS = ["dtype=bfloat16", "pool.num_gpus=1", "pool.min_size=1", "pool.max_
               "rows_per_batch=256", "rows_per_part=4096"]
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "uae_ray.cli", *args]
+def cli(*args: str, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "uae_ray.cli", *args]
 
 
-def plan(work: Path, port: int) -> dict[str, list[list[str]]]:
+def plan(work: Path, port: int, vllm_python: str = sys.executable) -> dict[str, list[list[str]]]:
     """Every command each step runs, in order."""
     run, lab = work / "run", work / "label"
     sets = lambda xs: [a for x in xs for a in ("--set", x)]  # noqa: E731
     return {
         "label": [cli("label", "--run-dir", str(lab / "hf"), *sets(LABEL_SETS)),
-                  cli("label", "--run-dir", str(lab / "vllm"), *sets([*LABEL_SETS, "backend=vllm"]))],
+                  cli("label", "--run-dir", str(lab / "vllm"), *sets([*LABEL_SETS, "backend=vllm"]),
+                      python=vllm_python)],
         "train": [cli("run", "--config", DEMO, "--run-dir", str(run), "--until", "train-encoder", *sets(TRAIN_SETS))],
         "faiss": [cli("index", "--config", DEMO, "--run-dir", str(run), "--force", "--set", "use_gpu=false"),
                   cli("index", "--config", DEMO, "--run-dir", str(run), "--force", "--set", "use_gpu=true")],
@@ -82,6 +83,12 @@ def _env() -> dict[str, Any]:
             out["imports"][name] = getattr(mod, "__version__", "ok")
         except Exception as e:  # a step that needs it records the reason
             out["imports"][name] = f"missing: {type(e).__name__}: {str(e)[:160]}"
+    try:
+        import faiss
+
+        out["faiss_gpus"] = int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    except ImportError:
+        out["faiss_gpus"] = 0
     try:
         import torch
 
@@ -239,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-queries", type=int, default=200, help="distinct questions (x 6 passages) to label")
     p.add_argument("--dry-run", action="store_true", help="check arguments and imports, print the plan, exit 0")
     p.add_argument("--cpu", action="store_true", help="rehearse on a machine without a GPU: no GPU overrides")
+    p.add_argument("--vllm-python", default=sys.executable, help="the Python that runs the vllm label (has vllm)")
     args = p.parse_args(argv)
     steps = [s for s in args.steps.split(",") if s]
     bad = [s for s in steps if s not in STEPS]
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu = ("num_gpus=1", "use_gpu=true")
         for sets in (LABEL_SETS, TRAIN_SETS):
             sets[:] = [x for x in sets if not x.endswith(gpu)]
-    commands = plan(args.work, port)
+    commands = plan(args.work, port, args.vllm_python)
     env = _env()
     configs = validate_configs()
     if args.dry_run:
@@ -279,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             if step == "label":
-                results[step] = step_label(commands["label"], args.work, args.label_queries, log,
-                                           _has(env, "vllm", "ray.data.llm"))
+                no_vllm = None if args.vllm_python != sys.executable else _has(env, "vllm", "ray.data.llm")
+                results[step] = step_label(commands["label"], args.work, args.label_queries, log, no_vllm)
             elif step == "train":
                 rc, secs = _run(commands["train"][0], 300, log)
                 results[step] = {"rc": rc, "wall_s": secs}
@@ -289,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[step]["report"] = json.loads(report.read_text())
             elif step == "faiss":
                 results[step] = step_faiss(commands["faiss"], args.work / "run", log)
+                # the index stage falls back to CPU (with a warning) when faiss sees no GPU: then both builds are CPU
+                results[step]["built_on_gpu"] = env["faiss_gpus"] > 0
             elif step == "serve":
                 results[step] = step_serve(commands["serve"][0], port, log)
         except Exception as e:  # record and go on: the other steps still say something
