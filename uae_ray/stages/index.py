@@ -98,7 +98,7 @@ def _is_current(manifest: dict[str, Any] | None, cfg: IndexConfig, source: dict[
 
 def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
     """Encode the corpus and build ``index/``; returns a summary (skipped when the index is current)."""
-    corpus = run_dir.read_table(CORPUS, columns=["pid", "doc_id", "text"])
+    corpus = run_dir.read_table(CORPUS, columns=["pid", "doc_id", "text", "n_tokens"])
     if corpus.num_rows == 0:
         raise ValueError(f"{run_dir.path(CORPUS)}: no passages to index")
     encoder_path = resolve_encoder(cfg.encoder, run_dir)
@@ -132,7 +132,7 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
             use_gpu=use_gpu,
             search_params=params,
             extra={"version": version, "source": source, "encode_seconds": round(encode_s, 3)},
-            passages=corpus.select(["doc_id", "text"]),
+            passages=corpus.select(["doc_id", "text", "n_tokens"]),
         )
 
     key = {"source": source, "factory": cfg.factory, "num_shards": cfg.num_shards, "search_params": params}
