@@ -596,7 +596,7 @@ def test_without_a_token_only_loopback_clients_are_answered():
 
 # ------------------------------------------------------------------------------------------------- uae-ray serve
 @pytest.mark.slow
-def test_uae_ray_serve_with_defaults_starts_on_two_cpus_and_answers(tmp_path):
+def test_uae_ray_serve_with_defaults_starts_on_one_cpu_from_another_dir_and_answers(tmp_path):
     """`uae-ray serve` as the README runs it, from another directory (the app comes from the package, no sys.path
     insert), on a 1-CPU local cluster: its default replicas (ingress 1 + shard group 0.5 CPUs) would wait forever for
     1.5 CPUs; they are fitted to the cluster."""
