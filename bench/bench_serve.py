@@ -6,8 +6,11 @@ For each factory (Flat, HNSW): build S shards over N random unit vectors, then m
 - in-process: ShardedIndex.search of one query at a time (p50/p99, QPS);
 - HTTP POST /search/vectors (pre-computed vectors: search + merge + HTTP + Serve, no encoder) one at a time and in a
   concurrency sweep; overhead = HTTP p50 - in-process p50 (like with like);
-- HTTP POST /search (text: the MiniLM QueryEncoder in the loop) one at a time, with the server's own split of
-  encode vs search time;
+- HTTP POST /search (text: the MiniLM query encoder in the loop) one at a time and in a concurrency sweep, with the
+  server's own split of the time (encode, the shard-group call, the search inside the group); the same text queries
+  encoded and searched in this process (one torch thread) as the baseline;
+- gRPC uae_ray.Retrieval/Search (text) one at a time and in the sweep, where the app has it (the layout with shard
+  groups; the script also runs against the older one-deployment-per-shard app for a before/after in one session);
 - memory per shard replica (RSS / USS, shards memory-mapped).
 Recall@10 of HNSW (efSearch sweep) and IVF (nprobe sweep) against exact Flat on the same queries, in-process.
 Random vectors are the worst case for graph/cluster indexes: recall here is pessimistic.
@@ -39,6 +42,8 @@ from uae_ray.index.versions import current_version, has_index, publish, resolve_
 from uae_ray.runtime import RunDir  # noqa: E402
 
 URL = "http://127.0.0.1:8000"
+GRPC_PORT = 9010
+TEXT = "what is the answer to question number {i}?"
 
 
 def unit_vectors(n: int, dim: int, seed: int, chunk: int = 100_000) -> np.ndarray:
@@ -141,35 +146,113 @@ async def http_sweep(path: str, bodies: list[dict[str, Any]], concurrency: int) 
         await asyncio.gather(*[worker(client) for _ in range(concurrency)])
         wall = time.perf_counter() - t0
     out = {**pct(lat), "qps": len(bodies) / wall, "concurrency": concurrency, "failures": failures}
-    for key in ("encode", "search"):
-        out[f"server_{key}_p50_ms"] = float(np.median([s[key] for s in server])) if server else None
+    for key in ("encode", "search", "total", "shard_groups", "shard_search"):
+        vals = [s[key] for s in server if key in s]
+        out[f"server_{key}_p50_ms"] = float(np.median(vals)) if vals else None
     return out
+
+
+def grpc_sweep(texts: list[str], k: int, concurrency: int) -> dict[str, Any]:
+    """uae_ray.Retrieval/Search over gRPC on 127.0.0.1, ``concurrency`` client threads (one channel each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from uae_ray.serve import grpc_api
+
+    todo = list(texts)
+    lat: list[float] = []
+    server: list[dict[str, float]] = []
+    failures = 0
+
+    def worker() -> None:
+        nonlocal failures
+        with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+            stub = grpc_api.RetrievalStub(channel)
+            stub.Search(grpc_api.SearchRequest(query=texts[0], k=k), timeout=120)  # warm (connect)
+            while todo:
+                text = todo.pop()
+                t = time.perf_counter()
+                try:
+                    reply = stub.Search(grpc_api.SearchRequest(query=text, k=k), timeout=120)
+                    lat.append(time.perf_counter() - t)
+                    server.append(dict(reply.timing_ms))
+                except grpc.RpcError:
+                    failures += 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda _: worker(), range(concurrency)))
+    wall = time.perf_counter() - t0
+    out = {**pct(lat), "qps": len(texts) / wall, "concurrency": concurrency, "failures": failures}
+    for key in ("encode", "total", "shard_groups", "shard_search"):
+        vals = [s[key] for s in server if key in s]
+        out[f"server_{key}_p50_ms"] = float(np.median(vals)) if vals else None
+    return out
+
+
+def in_process_text(index: ShardedIndex, n: int, k: int) -> dict[str, Any]:
+    """The text path without Serve: encode one query (MiniLM, one torch thread) and search the shards in this
+    process, one query at a time (encode and search timed apart)."""
+    import torch
+
+    from uae_ray.models.encoder import encode, load_encoder
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = load_encoder("all-minilm-l6-v2")
+    encode(model, ["warm up"], max_length=64)
+    enc, total = [], []
+    for i in range(n):
+        t = time.perf_counter()
+        q = encode(model, [TEXT.format(i=i)], max_length=64)
+        enc.append(time.perf_counter() - t)
+        index.search_ids(q, k)
+        total.append(time.perf_counter() - t)
+    torch.set_num_threads(threads)
+    return {"encode": pct(enc), "encode_and_search": pct(total)}
 
 
 def serve_bench(run: RunDir, queries: np.ndarray, k: int, sweep: list[int], n_http: int, n_sweep: int,
                 shard_cpus: float) -> dict[str, Any]:
     from ray import serve
 
-    from serve.app import build_app, shard_deployment
+    try:  # the app in the package: ingress with the encoder -> one shard group (this change)
+        from uae_ray.serve.app import GRPC_SERVICER, build_app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000}, logging_config={"enable_access_log": False})
+        layout = "shard_group"
+        args = {"ingress_num_cpus": 0.75}  # the ingress runs the encoder: the old encoder's 0.5 + ingress's 0.25
+        grpc_options: dict[str, Any] | None = {"port": GRPC_PORT, "grpc_servicer_functions": [GRPC_SERVICER]}
+    except ImportError:  # before: serve/app.py, QueryEncoder -> IndexShard x S -> Retriever
+        from serve.app import build_app
+
+        layout = "deployment_per_shard"
+        args = {"encoder_num_cpus": 0.5, "ingress_num_cpus": 0.25}
+        grpc_options = None
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000}, grpc_options=grpc_options,
+                logging_config={"enable_access_log": False})
     t = time.perf_counter()
-    serve.run(build_app({"run_dir": run.uri, "shard_num_cpus": shard_cpus, "encoder_num_cpus": 0.5,
-                         "ingress_num_cpus": 0.25, "max_k": max(k, 100)}),
+    serve.run(build_app({"run_dir": run.uri, "shard_num_cpus": shard_cpus, "max_k": max(k, 100), **args}),
               logging_config={"enable_access_log": False})
     ready_s = time.perf_counter() - t
     vec_bodies = [{"vectors": [q.tolist()], "k": k} for q in queries]
-    text_bodies = [{"query": f"what is the answer to question number {i}?", "k": k} for i in range(n_http)]
-    out: dict[str, Any] = {"ready_s": ready_s}
+    texts = [TEXT.format(i=i) for i in range(max(n_http, n_sweep))]
+    text_bodies = [{"query": text, "k": k} for text in texts]
+    out: dict[str, Any] = {"ready_s": ready_s, "layout": layout}
     out["vectors_single"] = asyncio.run(http_sweep("/search/vectors", vec_bodies[:n_http], 1))
-    out["text_single"] = asyncio.run(http_sweep("/search", text_bodies, 1))
+    out["text_single"] = asyncio.run(http_sweep("/search", text_bodies[:n_http], 1))
     out["vectors_sweep"] = [asyncio.run(http_sweep("/search/vectors", vec_bodies[:n_sweep], c)) for c in sweep]
-    manifest = run.read_json(f"{INDEX}/{current_version(run, INDEX)}/manifest.json")
-    out["shard_memory"] = [
-        serve.get_deployment_handle(shard_deployment(s), app_name="default").stats.remote().result()
-        for s in range(manifest["num_shards"])
-    ]
+    out["text_sweep"] = [asyncio.run(http_sweep("/search", text_bodies[:n_sweep], c)) for c in sweep]
+    if grpc_options:
+        out["grpc_text_sweep"] = [grpc_sweep(texts[:n_sweep], k, c) for c in sweep]
+    if layout == "shard_group":
+        out["shard_memory"] = [serve.get_deployment_handle("ShardGroup0", app_name="default").stats.remote().result()]
+    else:
+        manifest = run.read_json(f"{INDEX}/{current_version(run, INDEX)}/manifest.json")
+        out["shard_memory"] = [serve.get_deployment_handle(f"IndexShard{s}", app_name="default").stats.remote()
+                               .result() for s in range(manifest["num_shards"])]
     serve.delete("default")
+    serve.shutdown()
     return out
 
 
@@ -190,6 +273,10 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
             "http_text_p50_ms": http["text_single"]["p50_ms"],
             "server_encode_p50_ms": http["text_single"]["server_encode_p50_ms"],
         }
+        text_local = res.get(f"{name}_in_process_text")
+        if text_local:
+            t = text_local["encode_and_search"]["p50_ms"]
+            out[name].update({"in_process_text_p50_ms": t, "text_overhead_p50_ms": http["text_single"]["p50_ms"] - t})
     return out
 
 
@@ -235,6 +322,9 @@ def main() -> None:
     res["flat_batch_search_s"] = time.perf_counter() - t
     res["flat_in_process"] = in_process(flat, queries[: a.flat_queries], a.k)
     print("flat in-process", res["flat_in_process"], flush=True)
+    if "http" not in skip:
+        res["flat_in_process_text"] = in_process_text(flat, a.flat_queries, a.k)
+        print("flat in-process text", res["flat_in_process_text"], flush=True)
     save()
     sweep = [int(c) for c in a.sweep.split(",")]
     if "http" not in skip:

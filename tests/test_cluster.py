@@ -29,7 +29,7 @@ def _serve_config_checks(config: dict[str, Any], source: str) -> None:
     """Validate a Serve config with Ray's own schema, import its app, validate its args, match deployment names."""
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.api import AppArgs
+    from uae_ray.serve.api import AppArgs
 
     ServeDeploySchema.parse_obj(config)  # Ray's schema for `serve deploy` / RayService serveConfigV2
     for app in config["applications"]:
@@ -38,10 +38,11 @@ def _serve_config_checks(config: dict[str, Any], source: str) -> None:
         assert callable(build), f"{source}: {app['import_path']} is not callable"
         args = AppArgs.model_validate(app["args"])  # unknown or bad args fail here, as they would on the cluster
         names = {d["name"] for d in app.get("deployments", [])}
-        known = {"QueryEncoder", "Retriever"}
-        shard_names = {n for n in names if n.startswith("IndexShard")}
-        assert names - known - shard_names == set(), f"{source}: unknown deployments {names - known - shard_names}"
-        assert all(re.fullmatch(r"IndexShard\d+", n) for n in shard_names), shard_names
+        known = {"Retriever"}
+        group_names = {n for n in names if n.startswith("ShardGroup")}
+        assert names - known - group_names == set(), f"{source}: unknown deployments {names - known - group_names}"
+        assert all(re.fullmatch(r"ShardGroup\d+", n) for n in group_names), group_names
+        assert len(group_names) <= args.shard_groups, f"{source}: more ShardGroup deployments than args.shard_groups"
         for d in app.get("deployments", []):
             if "autoscaling_config" in d:
                 a = d["autoscaling_config"]

@@ -361,14 +361,10 @@ def _replica_nodes() -> dict[str, list[str]]:
 
 def test_serve_replicas_on_both_workers_and_a_node_dies_under_load(two_workers: MultiNode, s3_run_uri: str) -> None:
     """Each shard's 2 replicas on the 2 worker nodes; one node dies under load: 0 failed requests."""
-    import sys
-
     import httpx
     from ray import serve
 
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from serve.app import build_app
+    from uae_ray.serve.app import build_app
 
     rd = _index_run(s3_run_uri)
     port = _free_port()
@@ -378,17 +374,15 @@ def test_serve_replicas_on_both_workers_and_a_node_dies_under_load(two_workers: 
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port},
                 logging_config={"enable_access_log": False})
     try:
-        args = {"run_dir": rd.uri, "shard_replicas": 2, "encoder_replicas": 2, "ingress_replicas": 1,
-                "encoder_num_cpus": 0.5, "shard_num_cpus": 0.1, "ingress_num_cpus": 0.1, "max_batch_size": 8,
-                "node_resource": WORKER}
+        args = {"run_dir": rd.uri, "shard_replicas": 2, "ingress_replicas": 1, "shard_num_cpus": 0.1,
+                "ingress_num_cpus": 0.5, "max_batch_size": 8, "node_resource": WORKER}
         serve.run(build_app(args), logging_config={"enable_access_log": False})
         placed = _replica_nodes()
         workers = two_workers.worker_ids()
-        for name in ("IndexShard0", "IndexShard1", "QueryEncoder"):
-            assert sorted(placed[name]) == sorted(workers), f"{name} replicas on {placed[name]}, workers {workers}"
+        assert sorted(placed["ShardGroup0"]) == sorted(workers), f"shard groups on {placed['ShardGroup0']}, {workers}"
         assert set(placed["Retriever"]) <= workers
         assert httpx.post(f"{url}/search", json={"query": "tallest mountain", "k": 3}, timeout=60).status_code == 200
-        # the node without the ingress replica dies: each shard and the encoder keep one replica on the other node
+        # the node without the ingress (and its encoder) dies: the shard group keeps a replica on the other node
         victim = next(iter(workers - set(placed["Retriever"])))
         with _Load(url) as load:
             _wait("requests answered", lambda: len(load.ok_at) >= 20, 60)

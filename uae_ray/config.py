@@ -380,14 +380,15 @@ class EvaluateConfig(StageConfig):
 
 # ----------------------------------------------------------------------------------------------------------- serve
 class ServeConfig(StageConfig):
-    """``uae-ray serve``: QueryEncoder -> IndexShard x S -> Retriever ingress."""
+    """``uae-ray serve``: Retriever ingress (query encoder inside) -> ShardGroup (every shard, FAISS threads)."""
 
     host: str = "127.0.0.1"  # not loopback: refuses to start without a token unless allow_unauthenticated
     port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int | None = Field(None, ge=1, le=65535)  # also serve gRPC uae_ray.Retrieval/Search (all interfaces)
     index_version: str | None = None  # None: the version index/CURRENT names at start (pinned for the app's life)
     encoder: str | None = None  # None: the encoder recorded in the index manifest (queries match passages)
     shard_replicas: int = Field(1, ge=1)
-    encoder_replicas: int = Field(1, ge=1)
+    encoder_replicas: int = Field(1, ge=1)  # ingress replicas: each holds the query encoder
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_k: int = Field(100, ge=1)

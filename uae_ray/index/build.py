@@ -8,8 +8,8 @@ Files written into ``out_dir`` (the caller makes the directory atomic, e.g. with
 
     shard-000.faiss ...  faiss.write_index files (no pickles)
     ids.parquet          id (int64), pid (string), shard (int32)
-    passages.parquet     id, shard, pid, doc_id, text of every vector (when given): what a version serves, so a
-                         later corpus.parquet never changes the text returned for an id of this version
+    passages.parquet     id, shard, pid, doc_id, text (and n_tokens) of every vector (when given): what a version
+                         serves, so a later corpus.parquet never changes the text returned for an id of this version
     manifest.json        encoder, dim, factory, shards, vectors, build times, search params, mmap flag
 """
 
@@ -184,8 +184,8 @@ def build_sharded_index(
         search_params: ``{"nprobe": n}`` / ``{"efSearch": n}``; defaults from :func:`default_search_params`.
         seed: training sample seed.
         extra: more JSON-able manifest fields (e.g. the source fingerprint, the version).
-        passages: optional table with ``doc_id`` and ``text`` columns, one row per vector in the order of
-            ``vectors``; written to ``passages.parquet`` with the ids and shards.
+        passages: optional table with ``doc_id`` and ``text`` columns (and ``n_tokens``, kept when present), one
+            row per vector in the order of ``vectors``; written to ``passages.parquet`` with the ids and shards.
 
     Returns:
         The manifest dict (also written to ``out_dir/manifest.json``).
@@ -217,8 +217,11 @@ def build_sharded_index(
     if passages is not None:
         if passages.num_rows != n:
             raise IndexBuildError(f"passages: {passages.num_rows} rows for {n} vectors")
-        pq.write_table(table.append_column("doc_id", passages.column("doc_id").cast(pa.string()))
-                       .append_column("text", passages.column("text").cast(pa.string())), out_dir / PASSAGES)
+        out = (table.append_column("doc_id", passages.column("doc_id").cast(pa.string()))
+               .append_column("text", passages.column("text").cast(pa.string())))
+        if "n_tokens" in passages.column_names:  # the corpus's passage lengths: what Serve's token budget counts
+            out = out.append_column("n_tokens", passages.column("n_tokens").cast(pa.int32()))
+        pq.write_table(out, out_dir / PASSAGES)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "encoder": encoder,

@@ -113,7 +113,7 @@ def _encoder_calibration(encoder_path: str) -> Path | None:
 
 def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
     """Encode the corpus and build ``index/``; returns a summary (skipped when the index is current)."""
-    corpus = run_dir.read_table(CORPUS, columns=["pid", "doc_id", "text"])
+    corpus = run_dir.read_table(CORPUS, columns=["pid", "doc_id", "text", "n_tokens"])
     if corpus.num_rows == 0:
         raise ValueError(f"{run_dir.path(CORPUS)}: no passages to index")
     encoder_path = resolve_encoder(cfg.encoder, run_dir)
@@ -151,7 +151,7 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
             search_params=params,
             extra={"version": version, "source": source, "encode_seconds": round(encode_s, 3),
                    "calibration": CALIBRATION_FILE if calibration is not None else None},
-            passages=corpus.select(["doc_id", "text"]),
+            passages=corpus.select(["doc_id", "text", "n_tokens"]),
         )
 
     key = {"source": source, "factory": cfg.factory, "num_shards": cfg.num_shards, "search_params": params}

@@ -1,22 +1,15 @@
-"""``uae-ray serve``: start the retrieval app (``serve/app.py``) over the run dir's index and block until Ctrl-C.
+"""``uae-ray serve``: start the retrieval app (:mod:`uae_ray.serve.app`, part of the installed package) over the
+run dir's index and block until Ctrl-C.
 
-The app lives in the repository's ``serve`` package (what ``serve run`` / ``serve deploy`` / RayService import as
-``serve.app:build_app``); this stage puts the repository root on the path when needed and registers the package to
-be pickled by value, so Serve replicas do not depend on the driver's working directory.
-
-The replicas' CPU requests are fitted to the cluster: with the defaults (encoder 1, each shard replica 0.5, ingress
-0.25) two shards ask for 2.25 CPUs, more than a 2-CPU machine has, and Serve would wait forever for the missing
-quarter. When the sum exceeds ``ray.cluster_resources()["CPU"]`` every request is scaled down by the same factor
-(CPU requests are a scheduling share, not a limit) and the log says so.
+The replicas' CPU requests are fitted to the cluster: with the defaults (the ingress, which runs the query encoder,
+1 CPU; each shard-group replica 0.5) three shard-group replicas ask for 2.5 CPUs, more than a 2-CPU machine has, and
+Serve would wait forever for the missing share. When the sum exceeds ``ray.cluster_resources()["CPU"]`` every
+request is scaled down by the same factor (CPU requests are a scheduling share, not a limit) and the log says so.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from uae_ray.config import ServeConfig
@@ -25,32 +18,18 @@ from uae_ray.runtime import RunDir
 log = logging.getLogger("uae_ray.serve")
 
 
-def import_app_module() -> ModuleType:
-    """``serve.app`` from the repository that holds this package (the repo root is added to ``sys.path``)."""
-    try:
-        return importlib.import_module("serve.app")
-    except ModuleNotFoundError as e:
-        if e.name not in ("serve", "serve.app"):
-            raise
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "serve" / "app.py").exists():
-        raise ModuleNotFoundError(f"serve/app.py not found next to the uae_ray package ({root}); run from a checkout")
-    sys.path.insert(0, str(root))
-    return importlib.import_module("serve.app")
+#: CPUs per replica the stage asks for when the cluster has room (AppArgs defaults; the ingress runs the encoder).
+DEFAULT_CPUS = {"shard_num_cpus": 0.5, "ingress_num_cpus": 1.0}
 
 
-#: CPUs per replica the stage asks for when the cluster has room (AppArgs defaults).
-DEFAULT_CPUS = {"encoder_num_cpus": 1.0, "shard_num_cpus": 0.5, "ingress_num_cpus": 0.25}
-
-
-def fit_cpus(cfg: ServeConfig, num_shards: int, cluster_cpus: float) -> dict[str, float]:
-    """Per-replica ``num_cpus`` of the three deployments, scaled down so their sum fits ``cluster_cpus``.
+def fit_cpus(cfg: ServeConfig, cluster_cpus: float) -> dict[str, float]:
+    """Per-replica ``num_cpus`` of the ingress (with the encoder) and the shard groups (one group by default),
+    scaled down so their sum fits ``cluster_cpus``.
 
     Raises:
         ValueError: the cluster has no CPU at all (nothing to scale into).
     """
-    replicas = {"encoder_num_cpus": cfg.encoder_replicas, "shard_num_cpus": cfg.shard_replicas * num_shards,
-                "ingress_num_cpus": 1}
+    replicas = {"shard_num_cpus": cfg.shard_replicas, "ingress_num_cpus": cfg.encoder_replicas}
     need = sum(DEFAULT_CPUS[k] * n for k, n in replicas.items())
     if cluster_cpus <= 0:
         raise ValueError("the Ray cluster has no CPUs for the serving replicas")
@@ -58,20 +37,21 @@ def fit_cpus(cfg: ServeConfig, num_shards: int, cluster_cpus: float) -> dict[str
         return dict(DEFAULT_CPUS)
     scale = cluster_cpus / need
     fitted = {k: int(v * scale * 1000) / 1000 for k, v in DEFAULT_CPUS.items()}  # round down: the sum stays inside
-    log.info("serve: %d encoder + %d shard + 1 ingress replicas ask for %.2f CPUs, the cluster has %.2f: CPU "
+    log.info("serve: %d ingress (encoder) + %d shard-group replicas ask for %.2f CPUs, the cluster has %.2f: CPU "
              "requests scaled by %.2f to %s (lower shard_replicas / encoder_replicas to keep full shares)",
-             cfg.encoder_replicas, replicas["shard_num_cpus"], need, cluster_cpus, scale, fitted)
+             replicas["ingress_num_cpus"], replicas["shard_num_cpus"], need, cluster_cpus, scale, fitted)
     return fitted
 
 
 def app_args(cfg: ServeConfig, run_dir: RunDir, cpus: dict[str, float] | None = None) -> dict[str, Any]:
-    """The :class:`serve.api.AppArgs` fields for this stage's config (``cpus``: from :func:`fit_cpus`)."""
+    """The :class:`uae_ray.serve.api.AppArgs` fields for this stage's config (``cpus``: from :func:`fit_cpus`);
+    ``encoder_replicas`` are ingress replicas (the ingress holds the query encoder)."""
     return {
         "run_dir": run_dir.uri,
         "index_version": cfg.index_version,
         "encoder": cfg.encoder,
         "shard_replicas": cfg.shard_replicas,
-        "encoder_replicas": cfg.encoder_replicas,
+        "ingress_replicas": cfg.encoder_replicas,
         "max_batch_size": cfg.max_batch_size,
         "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
         "max_k": cfg.max_k,
@@ -85,8 +65,10 @@ def app_args(cfg: ServeConfig, run_dir: RunDir, cpus: dict[str, float] | None = 
 
 def preflight(cfg: ServeConfig) -> None:
     """The refusals that need no cluster (an empty token, a non-loopback host without one), checked before Ray
-    starts: :func:`serve.app.check_auth` raises a ConfigError."""
-    import_app_module().check_auth(cfg.host, cfg.token_env, cfg.allow_unauthenticated)
+    starts: :func:`uae_ray.serve.app.check_auth` raises a ConfigError."""
+    from uae_ray.serve.app import check_auth
+
+    check_auth(cfg.host, cfg.token_env, cfg.allow_unauthenticated)
 
 
 def run(cfg: ServeConfig, run_dir: RunDir, *, blocking: bool = True) -> dict[str, Any]:
@@ -95,19 +77,19 @@ def run(cfg: ServeConfig, run_dir: RunDir, *, blocking: bool = True) -> dict[str
     from ray import serve
 
     from uae_ray.index.versions import current_version
+    from uae_ray.serve.app import GRPC_SERVICER, build_app
 
-    module = import_app_module()
-    ray.cloudpickle.register_pickle_by_value(sys.modules["serve"])
     version = cfg.index_version or current_version(run_dir, "index")
-    num_shards = int(run_dir.read_json(f"index/{version}/manifest.json")["num_shards"])
-    cpus = fit_cpus(cfg, num_shards, float(ray.cluster_resources().get("CPU", 0.0)))
-    app = module.build_app(app_args(cfg.model_copy(update={"index_version": version}), run_dir, cpus))
+    cpus = fit_cpus(cfg, float(ray.cluster_resources().get("CPU", 0.0)))
+    app = build_app(app_args(cfg.model_copy(update={"index_version": version}), run_dir, cpus))
     # the proxy's own timeout is a backstop behind the ingress's 504 (the proxy answers 408, and a client header
     # can lift it), so it is set a little longer
     http = {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s + 5}
-    serve.start(http_options=http, logging_config={"enable_access_log": False})
+    grpc = {"port": cfg.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if cfg.grpc_port else None
+    serve.start(http_options=http, grpc_options=grpc, logging_config={"enable_access_log": False})
     url = f"http://{cfg.host}:{cfg.port}"
-    log.info("serve: starting the retrieval app at %s (POST /search, GET /healthz, docs at /docs)", url)
+    log.info("serve: starting the retrieval app at %s (POST /search, GET /healthz, docs at /docs)%s", url,
+             f"; gRPC uae_ray.Retrieval/Search on port {cfg.grpc_port}" if cfg.grpc_port else "")
     try:
         serve.run(app, blocking=blocking, logging_config={"enable_access_log": False})
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""Arguments of the retrieval app and the HTTP request/response models of ``POST /search``.
+"""Arguments of the retrieval app and the typed request/response models of ``POST /search`` (FastAPI builds the
+OpenAPI schema from them).
 
 Requests are validated strictly (no type coercion: ``"k": "5"`` is a 422, not a 5) so a bad request is always a 4xx
 with a message naming the field, never a 500.
@@ -14,7 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 
 
 class AppArgs(BaseModel):
-    """Arguments of :func:`serve.app.build_app` (``serve deploy`` passes them as ``args:`` in the config YAML).
+    """Arguments of :func:`uae_ray.serve.app.build_app` (``serve deploy`` passes them as ``args:`` in the config YAML).
+
+    Layout: the ``Retriever`` ingress (``ingress_replicas``) encodes the queries itself (batched with
+    ``@serve.batch``) and calls ``ShardGroup{g}`` (``shard_groups`` deployments, ``shard_replicas`` each); a group
+    holds a share of the index's shards and searches them with one FAISS thread per shard, merging in process.
 
     Attributes:
         run_dir: the run directory (local path or ``s3://`` / ``gs://`` URI) holding ``index/`` and the encoder.
@@ -38,14 +43,13 @@ class AppArgs(BaseModel):
     index: str = "index"
     index_version: str | None = None
     encoder: str | None = None
-    shard_replicas: int = Field(1, ge=1)
-    encoder_replicas: int = Field(1, ge=1)
-    ingress_replicas: int = Field(1, ge=1)
-    encoder_num_cpus: float = Field(1.0, ge=0)
+    shard_groups: int = Field(1, ge=1)  # deployments ShardGroup0..; shards are dealt round-robin to the groups
+    shard_replicas: int = Field(1, ge=1)  # replicas of each shard group (each holds all of its group's shards)
+    ingress_replicas: int = Field(1, ge=1)  # the ingress holds the query encoder: this is the encoder's scale too
     shard_num_cpus: float = Field(0.5, ge=0)
-    ingress_num_cpus: float = Field(0.25, ge=0)
+    ingress_num_cpus: float = Field(1.0, ge=0)
     node_resource: str | None = None  # custom node resource (e.g. serve_node) that pins replicas to serving nodes
-    max_batch_size: int = Field(32, ge=1)  # QueryEncoder @serve.batch, changed live through user_config
+    max_batch_size: int = Field(32, ge=1)  # the ingress's encoder @serve.batch, changed live through user_config
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_query_tokens: int = Field(64, ge=8)
     mmap: bool = True
@@ -80,16 +84,35 @@ class RetrieverSettings(BaseModel):
     retries: int
     version: str  # the pinned index version
     index_info: dict[str, Any]
+    calibrated: bool  # the pinned version has a calibration.json (the shard groups apply it)
 
 
-class SearchRequest(BaseModel):
-    """``POST /search``: exactly one of ``query`` / ``queries``; ``k`` hits per query."""
+class AdaptiveK(BaseModel):
+    """Per-query k chosen by :func:`uae_ray.calibration.choose_k` among the top ``k`` hits: the longest prefix whose
+    hits all have ``expected_utility >= min_expected_utility`` and whose passages fit ``max_context_tokens``."""
 
     model_config = ConfigDict(extra="forbid")
 
+    k: StrictInt = Field(10, description="hits per query (the most, when min_expected_utility / max_context_tokens "
+                                         "are given)")
+    min_expected_utility: StrictFloat | StrictInt | None = Field(
+        None, description="keep hits while their expected utility (nats) is at least this; needs a calibrated index")
+    max_context_tokens: StrictInt | None = Field(
+        None, ge=1, description="keep hits while their passages fit this many tokens together")
+
+    @field_validator("min_expected_utility")
+    @classmethod
+    def _finite(cls, v: float | int | None) -> float | int | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class SearchRequest(AdaptiveK):
+    """``POST /search``: exactly one of ``query`` / ``queries``; ``k`` hits per query."""
+
     query: StrictStr | None = None
     queries: list[StrictStr] | None = None
-    k: StrictInt = 10
 
     @model_validator(mode="after")
     def _one_of(self) -> SearchRequest:
@@ -104,16 +127,13 @@ class SearchRequest(BaseModel):
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-class VectorSearchRequest(BaseModel):
+class VectorSearchRequest(AdaptiveK):
     """``POST /search/vectors``: pre-computed unit query vectors (clients that encode themselves, benchmarks).
 
     Every number must fit a float32 (finite, magnitude at most ~3.4e38): a huge integer, 1e39, NaN or Infinity is a
     422 naming its position, never a 500 from the conversion."""
 
-    model_config = ConfigDict(extra="forbid")
-
     vectors: list[list[StrictFloat | StrictInt]]
-    k: StrictInt = 10
 
     @field_validator("vectors")
     @classmethod
@@ -137,6 +157,10 @@ class Hit(BaseModel):
     pid: str
     doc_id: str | None
     score: float
+    expected_utility: float | None = Field(
+        description="expected answer log-perplexity reduction (nats) from the index version's calibration.json; "
+                    "null when the version has none")
+    n_tokens: int | None = Field(description="passage length in tokens (the index's count); null when unknown")
     text: str | None
 
 
