@@ -89,3 +89,47 @@ def test_label_stage_vllm_and_hf_backends_agree(ray_session, tmp_path) -> None:
           f"Spearman {rho:.3f}; pairs/s vllm {v_report['this_run']['pairs_per_s']} "
           f"({v_report['this_run']['seconds']} s) hf {hf_report['this_run']['pairs_per_s']} "
           f"({hf_report['this_run']['seconds']} s)")
+
+
+def test_answer_span_is_read_from_the_returned_prompt_ids() -> None:
+    from uae_ray.labeling.vllm_scorer import _answer_span_mean
+
+    ids = [5, 6, 7, 8]
+    lps = [None, {6: {"logprob": -1.0}}, {7: {"logprob": -2.0}, 3: {"logprob": -0.1}}, {"8": {"logprob": -4.0}}]
+    assert _answer_span_mean(2, ids, ids, lps) == (-3.0, 2)  # positions 2..3; a key through Arrow may be a string
+    with pytest.raises(ValueError, match="differ from the 4 sent"):
+        _answer_span_mean(2, ids, [5, 6, 7, 9], lps)
+    with pytest.raises(ValueError, match="lack token 7 at position 2"):
+        _answer_span_mean(2, ids, ids, [None, None, {3: {"logprob": -0.1}}, lps[3]])
+    with pytest.raises(ValueError, match="3 prompt logprobs for 4 tokens"):
+        _answer_span_mean(2, ids, ids, lps[:3])
+
+
+def test_vllm_pass_groups_answers_and_reports_engine_errors_as_skips() -> None:
+    """The driver side of one engine pass, fed engine results directly: a pair is labeled when all its answers are
+    back (max aggregate), a pair the engine failed on is reported with its error (never dropped, never cached as a
+    label), a pair without answers is skipped."""
+    import pyarrow as pa
+
+    from uae_ray.labeling.vllm_scorer import VLLMPass, pair_requests
+
+    queries = pa.table({"qid": ["a", "b", "c"], "question": ["Qa?", "Qb?", "Qc?"],
+                        "answers": [["x", "y"], ["z"], [" "]]})
+    pending = pa.table({"qid": ["a", "b", "c"], "text": ["ta", "tb", "tc"], "fingerprint": ["fa", "fb", "fc"]})
+    requests = pair_requests(pending, queries, "max")
+    assert requests["answers"].to_pylist() == [["x", "y"], ["z"], []]
+    rows = pa.table({"qid": ["a", "b", "c"], "pid": ["p", "p", "p"], "question": ["Qa?", "Qb?", "Qc?"],
+                     "text": ["ta", "tb", "tc"], "answers": [["x", "y"], ["z"], []],
+                     "base_logp": [[-3.0, -1.0], [-2.0], []], "base_n": [[2, 1], [1], []],
+                     "fingerprint": ["fa", "fb", "fc"]})
+    vp = VLLMPass(LabelConfig(backend="vllm", rows_per_part=64), {"version": "v", "settings": "s", "dtype": "bf16"},
+                  requests)
+    vp._results = iter([(0, 0, -1.0, 2, 10, ""), (1, 0, float("nan"), 0, 0, "EngineDeadError: boom"),
+                        (0, 1, -0.5, 1, 9, "")])
+    (chunk, errors), = list(vp.pairs(rows))
+    assert errors == {"fb": "EngineDeadError: boom"}
+    got = {r["fingerprint"]: r for r in chunk.to_pylist()}
+    assert set(got) == {"fa", "fc"} and got["fc"]["skip_reason"] == "empty_answer"
+    # answer x: -1.0 - -3.0 = 2.0 beats answer y: -0.5 - -1.0 = 0.5
+    assert (got["fa"]["utility"], got["fa"]["n_answer_tokens"], got["fa"]["skip_reason"]) == (2.0, 2, "")
+    assert sum(chunk["tokens"].to_pylist()) == 19

@@ -10,7 +10,8 @@ The same numbers as :class:`~uae_ray.labeling.scorers.HFScorer`, from the same t
    vLLM returns the log-prob of every prompt token; the answer's span is located in the *returned*
    ``prompt_token_ids`` (checked against the ids sent) and its mean is the score (``_answer_span_mean``);
 3. the driver groups the per-answer scores back into no-passage terms (once per query) and pairs, and the pure core
-   (:mod:`uae_ray.labeling.core`) aggregates them exactly as for the HF backend.
+   (:mod:`uae_ray.labeling.core`) aggregates them exactly as for the HF backend. One pass (:class:`VLLMPass`)
+   scores the missing no-passage items first and the pairs' items after them, so the engines start once per run.
 
 Engine settings from :class:`~uae_ray.config.LabelConfig`: ``dtype`` (the driver's resolved one), ``max_model_len``,
 ``tensor_parallel_size``, ``gpu_memory_utilization`` (GPU only); prefix caching is always off (vLLM reports
@@ -28,6 +29,7 @@ unless set.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -45,7 +47,8 @@ from uae_ray.labeling.core import (
     cache_rows,
     pair_items,
 )
-from uae_ray.labeling.scorers import SKIP_INFERENCE_ERROR, BadItemError, PromptEncoder
+from uae_ray.labeling.fingerprint import usable_answers
+from uae_ray.labeling.scorers import SKIP_INFERENCE_ERROR, BadItemError, PromptEncoder, ScoreItem
 
 if TYPE_CHECKING:
     from uae_ray.config import LabelConfig
@@ -82,8 +85,6 @@ class TokenizeItems:
         self.encoder = PromptEncoder(tokenizer, system_prompt_for(cfg), cfg.max_passage_tokens, cfg.max_model_len)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from uae_ray.labeling.scorers import ScoreItem
-
         out: dict[str, list] = {f.name: [] for f in TOKENIZED_SCHEMA}
         rows = zip(*(batch.column(c).to_pylist() for c in ("key", "j", "question", "answer", "passage")), strict=True)
         for key, j, question, answer, passage in rows:
@@ -239,98 +240,145 @@ class VLLMBaseline:
     tokens: int = 0
 
 
-def baseline_vllm(queries: pa.Table, cfg: LabelConfig, ctx: dict[str, str]) -> VLLMBaseline:
-    """``LABEL_BASELINE_SCHEMA`` rows of ``queries`` (qid, question, answers) from the vLLM engine pool; a query
-    with an answer the engine failed on is left out and named in ``failed``."""
-    answers, all_items = baseline_items(queries, cfg.answer_aggregate)
-    items = pa.table({"key": [qi for qi, _, _ in all_items], "j": [aj for _, aj, _ in all_items],
-                      "question": [it.question for _, _, it in all_items],
-                      "answer": [it.answer for _, _, it in all_items], "passage": [None] * len(all_items)},
-                     schema=ITEMS_SCHEMA)
-    scores: dict[tuple[int, int], tuple[float, int]] = {}
-    errors: dict[int, str] = {}
-    tokens = 0
-    if items.num_rows:
-        results, _skipped = score_items(items, cfg, model_folder(cfg.generator), ctx["dtype"])
-        for key, j, lp, n, tok, error in _results(results, cfg.rows_per_part):
-            tokens += tok
-            if error:
-                errors.setdefault(key, error)
-            else:
-                scores[(key, j)] = (lp, n)
-    # items the tokenizer skipped (too long) have no score: NaN, as in the HF backend
-    table = baseline_table(queries, answers, scores, generator=cfg.generator, prompt_version=ctx["version"],
-                           settings=ctx["settings"])
-    failed = {table["fingerprint"][k].as_py(): e for k, e in errors.items()}
-    if errors:
-        keep = pa.array([k not in errors for k in range(table.num_rows)], pa.bool_())
-        table = table.filter(keep)
-        log.warning("label: the vLLM engine failed on the no-passage term of %d question(s) (first: %s); their "
-                    "pairs are skipped as %s this run", len(errors), next(iter(failed.values())),
-                    SKIP_INFERENCE_ERROR)
-    return VLLMBaseline(table, failed, tokens)
+def pair_requests(pending: pa.Table, queries: pa.Table, aggregate: str) -> pa.Table:
+    """The pairs to score (``qid``, ``question``, ``text``, ``answers`` = the usable answers, ``fingerprint``):
+    known before any no-passage term, so one engine pass scores both."""
+    q_index = {q: i for i, q in enumerate(queries["qid"].to_pylist())}
+    rows = pa.array([q_index[q] for q in pending["qid"].to_pylist()], pa.int64())
+    answers = [usable_answers(a, aggregate) for a in queries["answers"].take(rows).to_pylist()]
+    return pa.table({"qid": pending["qid"], "question": queries["question"].take(rows), "text": pending["text"],
+                     "answers": pa.array(answers, pa.list_(pa.string())), "fingerprint": pending["fingerprint"]})
 
 
-def label_pairs_vllm(
-    rows: pa.Table, cfg: LabelConfig, ctx: dict[str, str]
-) -> Iterator[tuple[pa.Table, dict[str, str]]]:
-    """Label pair rows (:data:`~uae_ray.labeling.core.PAIR_INPUT_COLUMNS`) on the vLLM engine pool.
+class VLLMPass:
+    """One Ray Data LLM pass of a label run, so the engines start once: the no-passage items first, then the pairs'.
 
-    Yields, as pairs complete, (``LABEL_CACHE_SCHEMA`` rows + ``tokens``, {fingerprint: engine error} of the pairs
-    the engine failed on). Every pair comes out exactly once: labeled, skipped with a reason, or failed.
+    :meth:`baseline` (when some no-passage terms are missing) starts the pass with them and returns once they are all
+    back (pair results that arrive meanwhile are kept); :meth:`pairs` then yields the pairs as they complete.
+
+    Args:
+        requests: :func:`pair_requests` of the pending pairs (their answers are scored whatever their no-passage
+            terms turn out to be; a pair whose term is NaN is then skipped as ``prompt_too_long``, as with ``hf``).
     """
-    plan = pair_items(rows)
-    outcomes: list[PairOutcome | None] = [reason for reason, _ in plan]
-    keys, js, questions, answers, passages = [], [], [], [], []
-    for i, (reason, row_items) in enumerate(plan):
-        if reason is None:
-            for j, it in enumerate(row_items):
-                keys.append(i)
-                js.append(j)
-                questions.append(it.question)
-                answers.append(it.answer)
-                passages.append(it.passage)
-    got: dict[int, dict[int, tuple[float, int]]] = {}
-    errors: dict[int, str] = {}
-    ready = [i for i, o in enumerate(outcomes) if o is not None]  # pre-skipped rows
-    tokens = 0
-    fps = rows["fingerprint"].to_pylist()
 
-    def flush(idx: list[int], tok: int) -> tuple[pa.Table, dict[str, str]]:
-        idx.sort()
-        ok = [i for i in idx if i not in errors]
-        res = assemble_pair_rows(rows.take(pa.array(ok, pa.int64())), [outcomes[i] for i in ok],
-                                 cfg.answer_aggregate, generator=cfg.generator, prompt_version=ctx["version"],
-                                 tokens=tok)
-        return cache_rows(res, ctx["settings"]), {fps[i]: errors[i] for i in idx if i in errors}
+    def __init__(self, cfg: LabelConfig, ctx: dict[str, str], requests: pa.Table) -> None:
+        self.cfg, self.ctx, self.requests = cfg, ctx, requests
+        self._results: Iterator[tuple[int, int, float, int, int, str]] | None = None
+        self._early: list[tuple[int, int, float, int, int, str]] = []  # pair results that came before the baseline
+        self._tokenizer_skips: dict[int, str] = {}  # request index -> reason (another answer may be fine)
+        self._baseline_skipped: set[tuple[int, int]] = set()
+        self.tokens = 0
 
-    if keys:
-        items = pa.table({"key": keys, "j": js, "question": questions, "answer": answers, "passage": passages},
-                         schema=ITEMS_SCHEMA)
-        results, skipped = score_items(items, cfg, model_folder(cfg.generator), ctx["dtype"])
-        for batch in skipped.iter_batches(batch_format="pyarrow"):
-            for key, reason in zip(batch["key"].to_pylist(), batch["skip_reason"].to_pylist(), strict=True):
-                if outcomes[key] is None:
-                    outcomes[key] = reason
-                    ready.append(key)
-        for key, j, lp, n, tok, error in _results(results, cfg.rows_per_batch):
-            tokens += tok
-            if outcomes[key] is not None or key in errors:
-                continue  # skipped by the tokenizer (another answer too long) or already failed
-            if error:
-                errors[key] = error
-                ready.append(key)
+    def _start(self, queries: pa.Table | None) -> list[tuple[int, int, ScoreItem]]:
+        b_items = baseline_items(queries, self.cfg.answer_aggregate)[1] if queries is not None else []
+        cols: dict[str, list] = {f.name: [] for f in ITEMS_SCHEMA}
+        for qi, aj, it in b_items:  # keys < 0: no-passage items of query qi
+            for c, v in zip(cols, (-(qi + 1), aj, it.question, it.answer, None), strict=True):
+                cols[c].append(v)
+        req = {c: self.requests[c].to_pylist() for c in ("question", "text", "answers")}
+        for i, (question, text, answers) in enumerate(zip(req["question"], req["text"], req["answers"], strict=True)):
+            for j, a in enumerate(answers or []):
+                for c, v in zip(cols, (i, j, question, a, text), strict=True):
+                    cols[c].append(v)
+        items = pa.table(cols, schema=ITEMS_SCHEMA)
+        self._results = iter(())
+        if items.num_rows:
+            results, skipped = score_items(items, self.cfg, model_folder(self.cfg.generator), self.ctx["dtype"])
+            for batch in skipped.iter_batches(batch_format="pyarrow"):
+                for key, j, reason in zip(*(batch[c].to_pylist() for c in ("key", "j", "skip_reason")), strict=True):
+                    if key < 0:
+                        self._baseline_skipped.add((-key - 1, j))
+                    else:
+                        self._tokenizer_skips.setdefault(key, reason)
+            self._results = _results(results, self.cfg.rows_per_batch)
+        return b_items
+
+    def baseline(self, queries: pa.Table) -> VLLMBaseline:
+        """``LABEL_BASELINE_SCHEMA`` rows of ``queries`` (qid, question, answers); a query with an answer the engine
+        failed on is left out and named in ``failed``; an answer too long for the model gets NaN (as with ``hf``)."""
+        if self._results is not None:
+            raise RuntimeError("VLLMPass.baseline: the pass has started already")
+        b_items = self._start(queries)
+        answers = baseline_items(queries, self.cfg.answer_aggregate)[0]
+        waiting = {(qi, aj) for qi, aj, _ in b_items} - self._baseline_skipped
+        scores: dict[tuple[int, int], tuple[float, int]] = {}
+        errors: dict[int, str] = {}
+        while waiting:
+            row = next(self._results, None)
+            if row is None:
+                raise RuntimeError(f"label: {len(waiting)} no-passage item(s) never came back from the vLLM stage")
+            key, j, lp, n, tok, error = row
+            if key >= 0:
+                self._early.append(row)
                 continue
-            done = got.setdefault(key, {})
+            self.tokens += tok
+            waiting.discard((-key - 1, j))
+            if error:
+                errors.setdefault(-key - 1, error)
+            else:
+                scores[(-key - 1, j)] = (lp, n)
+        table = baseline_table(queries, answers, scores, generator=self.cfg.generator,
+                               prompt_version=self.ctx["version"], settings=self.ctx["settings"])
+        failed = {table["fingerprint"][k].as_py(): e for k, e in errors.items()}
+        if errors:
+            table = table.filter(pa.array([k not in errors for k in range(table.num_rows)], pa.bool_()))
+            log.warning("label: the vLLM engine failed on the no-passage term of %d question(s) (first: %s); their "
+                        "pairs are skipped as %s this run", len(errors), next(iter(failed.values())),
+                        SKIP_INFERENCE_ERROR)
+        return VLLMBaseline(table, failed, self.tokens)
+
+    def pairs(self, rows: pa.Table) -> Iterator[tuple[pa.Table, dict[str, str]]]:
+        """Label ``rows`` (:data:`~uae_ray.labeling.core.PAIR_INPUT_COLUMNS`: requested pairs joined with their
+        no-passage terms). Yields, as pairs complete, (``LABEL_CACHE_SCHEMA`` rows + ``tokens``, {fingerprint: engine
+        error} of the pairs the engine failed on). Every row comes out exactly once: labeled, skipped or failed."""
+        if self._results is None:
+            self._start(None)
+        assert self._results is not None  # set by _start
+        fps = rows["fingerprint"].to_pylist()
+        row_of = {fp: r for r, fp in enumerate(fps)}
+        req_to_row = {i: row_of.get(fp) for i, fp in enumerate(self.requests["fingerprint"].to_pylist())}
+        plan = pair_items(rows)
+        outcomes: list[PairOutcome | None] = [reason for reason, _ in plan]
+        for i, reason in self._tokenizer_skips.items():
+            r = req_to_row[i]
+            if r is not None and outcomes[r] is None:
+                outcomes[r] = reason
+        ready = [r for r, o in enumerate(outcomes) if o is not None]
+        got: dict[int, dict[int, tuple[float, int]]] = {}
+        errors: dict[int, str] = {}
+        tokens = 0
+
+        def flush(idx: list[int], tok: int) -> tuple[pa.Table, dict[str, str]]:
+            idx.sort()
+            ok = [r for r in idx if r not in errors]
+            res = assemble_pair_rows(rows.take(pa.array(ok, pa.int64())), [outcomes[r] for r in ok],
+                                     self.cfg.answer_aggregate, generator=self.cfg.generator,
+                                     prompt_version=self.ctx["version"], tokens=tok)
+            return cache_rows(res, self.ctx["settings"]), {fps[r]: errors[r] for r in idx if r in errors}
+
+        for key, j, lp, n, tok, error in itertools.chain(self._early, self._results):
+            r = req_to_row.get(key)
+            tokens += tok
+            if r is None or outcomes[r] is not None or r in errors:
+                continue  # its no-passage term failed, or it is skipped, or it failed already
+            if error:
+                errors[r] = error
+                ready.append(r)
+                continue
+            done = got.setdefault(r, {})
             done[j] = (lp, n)
-            if len(done) == len(plan[key][1]):
-                outcomes[key] = [done[a] for a in range(len(done))]
-                del got[key]
-                ready.append(key)
-            if len(ready) >= cfg.rows_per_part:
+            if len(done) == len(plan[r][1]):
+                outcomes[r] = [done[a] for a in range(len(done))]
+                del got[r]
+                ready.append(r)
+            if len(ready) >= self.cfg.rows_per_part:
                 yield flush(ready, tokens)
                 ready, tokens = [], 0
-    if got:  # every scorable item comes back (as a result or an error row): anything else is a bug, never a drop
-        raise RuntimeError(f"label: {len(got)} pair(s) got only some of their answers back from the vLLM stage")
-    if ready or tokens:
-        yield flush(ready, tokens)
+        self._early = []
+        if got:  # every scorable item comes back (a result or an error row): anything else is a bug, never a drop
+            raise RuntimeError(f"label: {len(got)} pair(s) got only some of their answers back from the vLLM stage")
+        missing = [r for r, o in enumerate(outcomes) if o is None and r not in errors]
+        if missing:
+            raise RuntimeError(f"label: {len(missing)} pair(s) were never scored by the vLLM stage")
+        if ready or tokens:
+            yield flush(ready, tokens)

@@ -115,11 +115,13 @@ def select_pairs(run_dir: RunDir, cfg: LabelConfig) -> tuple[pa.Table, pa.Table]
 
 
 def _ensure_baseline(
-    run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, pending: pa.Table, ctx: dict[str, str]
+    run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, pending: pa.Table, ctx: dict[str, str],
+    vllm_pass: Any = None,
 ) -> tuple[pa.Table, dict[str, int], int, dict[str, str]]:
     """The baseline rows the ``pending`` pairs need (computing only the fingerprints ``label_baseline/`` lacks),
     counts {needed, reused, new}, tokens used, and {baseline fingerprint: error} of the terms the vLLM engine failed
-    on (their pairs are skipped this run, not cached)."""
+    on (their pairs are skipped this run, not cached). ``vllm_pass``: the vllm backend's one engine pass
+    (:class:`~uae_ray.labeling.vllm_scorer.VLLMPass`), which scores these terms first."""
     have = read_parts(run_dir, LABEL_BASELINE, LABEL_BASELINE_SCHEMA)
     have_fp = first_index(have["fingerprint"].to_pylist())
     need = first_index(pending["baseline_fp"].to_pylist())  # baseline fp -> first pending pair needing it
@@ -133,10 +135,8 @@ def _ensure_baseline(
         todo = queries.select(["qid", "question", "answers"]).take(rows)
         log.info("label: no-passage terms for %d question/answer sets (%d reused)", len(todo_fp), counts["reused"])
         parts = PartWriter(run_dir, LABEL_BASELINE, ctx["writer"])
-        if cfg.backend == "vllm":
-            from uae_ray.labeling.vllm_scorer import baseline_vllm
-
-            got = baseline_vllm(todo, cfg, ctx)
+        if vllm_pass is not None:
+            got = vllm_pass.baseline(todo)
             tokens, failed = got.tokens, got.failed
             chunks = [got.table.slice(i, cfg.rows_per_part) for i in range(0, got.table.num_rows, cfg.rows_per_part)]
         else:
@@ -185,7 +185,13 @@ def _label_pending(
     if not pending.num_rows:
         return [], stats
     pending_q = queries.filter(pc.is_in(queries["qid"], pending["qid"]))
-    baseline, stats["baseline"], stats["tokens"], failed = _ensure_baseline(run_dir, cfg, pending_q, pending, ctx)
+    vllm_pass = None
+    if cfg.backend == "vllm":  # one engine pass: the missing no-passage terms first, then the pairs
+        from uae_ray.labeling.vllm_scorer import VLLMPass, pair_requests
+
+        vllm_pass = VLLMPass(cfg, ctx, pair_requests(pending, pending_q, cfg.answer_aggregate))
+    baseline, stats["baseline"], stats["tokens"], failed = _ensure_baseline(run_dir, cfg, pending_q, pending, ctx,
+                                                                            vllm_pass)
     if failed:  # the engine failed on their no-passage term: reported as skips, not cached (a rerun retries them)
         lost = pc.is_in(pending["baseline_fp"], pa.array(list(failed), pa.string()))
         stats["skipped"][SKIP_INFERENCE_ERROR] += int(pc.sum(lost).as_py() or 0)
@@ -193,10 +199,8 @@ def _label_pending(
     rows = join_pair_inputs(pending, pending_q, baseline)
     est = pc.add(pc.utf8_length(rows["text"]), pc.utf8_length(rows["question"]))
     rows = rows.take(pc.sort_indices(est))  # length-sorted: neighbouring pairs share a batch, little padding
-    if cfg.backend == "vllm":
-        from uae_ray.labeling.vllm_scorer import label_pairs_vllm
-
-        chunks = label_pairs_vllm(rows, cfg, ctx)
+    if vllm_pass is not None:
+        chunks = vllm_pass.pairs(rows)
     else:
         n_blocks = max(1, min(rows.num_rows // cfg.rows_per_batch + 1, cfg.pool.max_size * 8))
         ds = _map_on_actor_pool(rows, LabelPairsBatch, cfg, n_blocks, ctx)
