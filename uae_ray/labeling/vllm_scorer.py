@@ -198,7 +198,7 @@ def score_items(items: pa.Table, cfg: LabelConfig, model_path: str, dtype: str) 
     from ray.data.expressions import col
     from ray.data.llm import build_processor
 
-    from uae_ray.labeling.pipeline import split_blocks
+    from uae_ray.runtime import split_blocks
     from uae_ray.runtime import ensure_ray
 
     ensure_ray()
