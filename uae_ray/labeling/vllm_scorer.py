@@ -198,8 +198,7 @@ def score_items(items: pa.Table, cfg: LabelConfig, model_path: str, dtype: str) 
     from ray.data.expressions import col
     from ray.data.llm import build_processor
 
-    from uae_ray.runtime import split_blocks
-    from uae_ray.runtime import ensure_ray
+    from uae_ray.runtime import ensure_ray, split_blocks
 
     ensure_ray()
     n_blocks = max(1, min(items.num_rows // cfg.rows_per_batch + 1, cfg.pool.max_size * 8))
