@@ -255,6 +255,10 @@ def test_evaluate_calibration_adaptive_k_and_intervals(tmp_path: Path):
         assert sum(row["k_hist"].values()) == len(queries) == len(row["per_query_k"])
         assert row["mean_k"] == pytest.approx(sum(int(k) * n for k, n in row["k_hist"].items()) / len(queries))
         assert row["exputil_diff"]["n"] == len(queries) and row["f1_n"] == 0  # no generation in this run
+        # adaptive against the fixed budget of the same mean k: fixed-k ExpUtil interpolated from k = 0 (0 nats)
+        assert row["exputil_diff"]["mean_b"] == pytest.approx(row["exputil_fixed_at_mean_k"])
+        if row["mean_k"] <= 1:
+            assert row["exputil_fixed_at_mean_k"] == pytest.approx(row["mean_k"] * row["exputil_fixed"])
     for setting in ("pool", "open"):
         for metric in ("recall@1", "mrr", "map", "exputil@1"):
             res = report["settings"][setting]["comparisons"]["base"]["uae"][metric]

@@ -301,17 +301,23 @@ def evaluate_calibration(*, system: Any, calibration: UtilityCalibration, origin
         if ok:
             eu = np.stack([calibration.expected_utility(scores_of(q, ranks[q][:k_max])) for q in ok])
             util = np.asarray([[labels[q][p] for p in ranks[q][:k_max]] for q in ok], dtype=np.float64)
+            # each query's fixed-k curve, k = 0..k_max (no passage: 0 nats); an isotonic calibration has plateaus, so
+            # an achievable mean k can miss the integer k: the fixed budget of the *same* mean k is the curve
+            # interpolated there (a fixed k drawn between its two neighbours)
+            curve = np.concatenate([np.zeros((len(ok), 1)), np.cumsum(util, axis=1) / np.arange(1, k_max + 1)], 1)
             for k in range(1, k_max):
                 floor = match_floor(eu, float(k))
                 ks = np.asarray([choose_k(eu[i], min_expected_utility=floor) for i in range(len(ok))])
                 fixed = util[:, :k].mean(axis=1)
+                same = np.asarray([np.interp(ks.mean(), np.arange(k_max + 1), c) for c in curve])
                 adapt = np.asarray([util[i, : ks[i]].mean() if ks[i] else 0.0 for i in range(len(ok))])
                 block["rows"].append({
                     "fixed_k": k, "floor": floor, "mean_k": float(ks.mean()), "k0_share": float((ks == 0).mean()),
                     "k_hist": {str(j): int((ks == j).sum()) for j in range(k_max + 1)},
-                    "exputil_fixed": float(fixed.mean()), "exputil_adaptive": float(adapt.mean()),
+                    "exputil_fixed": float(fixed.mean()), "exputil_fixed_at_mean_k": float(same.mean()),
+                    "exputil_adaptive": float(adapt.mean()),
                     "per_query_k": dict(zip(ok, ks.tolist(), strict=True)),
-                    "_exputil_fixed_q": fixed.tolist(), "_exputil_adaptive_q": adapt.tolist()})
+                    "_exputil_fixed_q": same.tolist(), "_exputil_adaptive_q": adapt.tolist()})
                 for q, kq in zip(ok, ks.tolist(), strict=True):
                     if q in gen_qids:
                         contexts += [(q, ranks[q][:k]), (q, ranks[q][:kq])]
@@ -333,7 +339,7 @@ def finish_adaptive(section: dict[str, Any], answers: Mapping[str, str], gold_an
         ranks = block.pop("_ranks", {})
         for row in block["rows"]:
             fixed_q, adapt_q = row.pop("_exputil_fixed_q"), row.pop("_exputil_adaptive_q")
-            row["exputil_diff"] = paired_difference(adapt_q, fixed_q)
+            row["exputil_diff"] = paired_difference(adapt_q, fixed_q)  # against the fixed budget of the same mean k
             k = row["fixed_k"]
             f_fixed, f_adapt = [], []
             for q, kq in row["per_query_k"].items():

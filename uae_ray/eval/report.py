@@ -167,14 +167,18 @@ def calibration_markdown(section: Mapping[str, Any]) -> list[str]:
         out += [f"Adaptive k ({setting} setting): per query, the longest prefix of `{section['system']}`'s top "
                 f"{block['k_max']} whose expected utility clears a floor (`choose_k`), the floor set so that the mean "
                 f"k matches the fixed k (never tuned on the outcome); a query left with k = 0 counts 0 nats. "
+                "Where the calibration's plateaus keep the mean k off the integer, the fixed budget of the same mean "
+                "k is each query's fixed-k ExpUtil interpolated there (column \"fixed @ mean k\"); Δ ExpUtil is "
+                "adaptive minus that; F1 is against the integer fixed k. "
                 f"ExpUtil on the {block['n_queries']} queries whose top {block['k_max']} are labeled "
                 f"({block['left_out_unlabeled']} left out); Token F1 on those of them with generated answers (n F1). "
-                "Differences: adaptive minus fixed, 95% paired-bootstrap interval, randomization-test p.", "",
-                "| fixed k | floor (nats) | mean k | k = 0 | ExpUtil fixed | ExpUtil adaptive | Δ ExpUtil | n F1 | "
-                "F1 fixed | F1 adaptive | Δ F1 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "Differences: 95% paired-bootstrap interval, randomization-test p.", "",
+                "| fixed k | floor (nats) | mean k | k = 0 | ExpUtil fixed | ExpUtil fixed @ mean k | "
+                "ExpUtil adaptive | Δ ExpUtil | n F1 | F1 fixed | F1 adaptive | Δ F1 |", "|" + "---|" * 12]
         for r in block["rows"]:
             out.append(f"| {r['fixed_k']} | {r['floor']:.3f} | {r['mean_k']:.2f} | {100 * r['k0_share']:.0f}% | "
-                       f"{_fmt(r['exputil_fixed'])} | {_fmt(r['exputil_adaptive'])} | "
+                       f"{_fmt(r['exputil_fixed'])} | {_fmt(r['exputil_fixed_at_mean_k'])} | "
+                       f"{_fmt(r['exputil_adaptive'])} | "
                        f"{format_difference(r['exputil_diff'], scale=1.0, digits=3)} | {r.get('f1_n', 0)} | "
                        f"{_fmt(r.get('f1_fixed'), pct=True)} | {_fmt(r.get('f1_adaptive'), pct=True)} | "
                        f"{format_difference(r['f1_diff']) if r.get('f1_diff') else '-'} |")
