@@ -26,11 +26,14 @@ from uae_ray.runtime import RunDir, ensure_ray
 log = logging.getLogger("uae_ray.index")
 
 
-def encode_corpus(corpus: pa.Table, encoder: str, pool: ActorPool, run_dir: str | None = None) -> np.ndarray:
-    """Encode the ``text`` column with an actor pool of :class:`~uae_ray.models.encoder.EncodeBatch`.
+def encode_corpus(corpus: pa.Table, encoder: str, pool: ActorPool, run_dir: str | None = None,
+                  backend: str = "torch") -> np.ndarray:
+    """Encode the ``text`` column with an actor pool of :class:`~uae_ray.models.encoder.EncodeBatch` (``backend``
+    torch) or :class:`~uae_ray.models.fast_encoder.BackendEncodeBatch` (onnx, openvino).
 
     Args:
         encoder: a model spec; ``run:<dir>`` is resolved against ``run_dir`` (a URI) on each actor's node.
+        backend: the CPU runtime (see :data:`uae_ray.config.EncoderBackend`); CUDA actors use torch.
 
     Returns:
         float32 [n, d] unit vectors in the row order of ``corpus``.
@@ -38,13 +41,15 @@ def encode_corpus(corpus: pa.Table, encoder: str, pool: ActorPool, run_dir: str 
     import ray
 
     from uae_ray.models.encoder import EncodeBatch
+    from uae_ray.models.fast_encoder import BackendEncodeBatch
 
     n = corpus.num_rows
     table = pa.table({"row": np.arange(n, dtype=np.int64), "text": corpus.column("text")})
     blocks = max(1, min(n // pool.batch_size, 4 * pool.max_size))
+    fn, kwargs = (EncodeBatch, {}) if backend == "torch" else (BackendEncodeBatch, {"backend": backend})
     ds = ray.data.from_arrow(table, override_num_blocks=blocks).map_batches(
-        EncodeBatch,
-        fn_constructor_kwargs={"encoder": encoder, "run_dir": run_dir},
+        fn,
+        fn_constructor_kwargs={"encoder": encoder, "run_dir": run_dir, **kwargs},
         **pool.map_batches_args(),
         batch_size=pool.batch_size,
     )
@@ -64,12 +69,15 @@ def encode_corpus(corpus: pa.Table, encoder: str, pool: ActorPool, run_dir: str 
 
 
 def _source(cfg: IndexConfig, corpus: pa.Table, encoder_path: str) -> dict[str, Any]:
-    return {
+    source = {
         "corpus_rows": corpus.num_rows,
         "corpus_sha1": corpus_fingerprint(corpus),
         "encoder_spec": cfg.encoder,
         "encoder_sha1": encoder_fingerprint(encoder_path),
     }
+    if cfg.encoder_backend != "torch":  # absent for torch: indexes built before the setting existed stay current
+        source["encoder_backend"] = cfg.encoder_backend
+    return source
 
 
 def _current_manifest(run_dir: RunDir) -> dict[str, Any] | None:
@@ -114,7 +122,12 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
     use_gpu = gpu_available() > 0 if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
     ensure_ray()
     t0 = time.perf_counter()
-    vectors = encode_corpus(corpus, cfg.encoder, cfg.pool, run_dir.uri)  # actors resolve cfg.encoder themselves
+    if cfg.encoder_backend != "torch":  # export once on this node; actors elsewhere export into their node's cache
+        from uae_ray.models.fast_encoder import export_onnx
+
+        export_onnx(encoder_path)
+    # actors resolve cfg.encoder themselves
+    vectors = encode_corpus(corpus, cfg.encoder, cfg.pool, run_dir.uri, backend=cfg.encoder_backend)
     encode_s = time.perf_counter() - t0
     log.info("index: encoded %d passages in %.1f s; building %s x %d", len(vectors), encode_s, cfg.factory,
              cfg.num_shards)
