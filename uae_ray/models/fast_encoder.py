@@ -193,6 +193,7 @@ class OnnxEncoder:
         self.max_length = max_length or self.model_max_length
         self.tokenizer = AutoTokenizer.from_pretrained(export_dir)
         self._run = self._onnxruntime(export_dir) if backend == "onnx" else self._openvino(export_dir)
+        self.encode(["warm-up"])  # the runtimes allocate on the first call: not a query's cost
 
     @staticmethod
     def _onnxruntime(export_dir: Path) -> Any:
