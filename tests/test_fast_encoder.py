@@ -135,3 +135,26 @@ def test_index_stage_with_the_onnx_backend_matches_torch_vectors(tmp_path, ray_s
     assert not index_stage._is_current(index.manifest, cfg.model_copy(update={"encoder_backend": "torch"}),
                                        index_stage._source(cfg.model_copy(update={"encoder_backend": "torch"}),
                                                            rd.read_table(CORPUS), fe.resolve("all-minilm-l6-v2").path))
+
+
+@pytest.mark.slow
+def test_evaluate_dense_system_encodes_queries_through_the_backend(cache):
+    """evaluate's DenseSystem with a fast query encoder ranks the sample's passages as with the torch encoder."""
+    from uae_ray.eval.systems import DenseSystem
+
+    questions, passages = _demo_texts()
+    torch_enc = fe.load_query_encoder("all-minilm-l6-v2", "torch")
+    vectors = torch_enc.encode(passages[:70])  # the first 10 documents (7 passages each)
+    plain = DenseSystem("base", torch_enc.model, vectors)
+    fast = DenseSystem("base", torch_enc.model, vectors, query_encoder=fe.load_query_encoder("all-minilm-l6-v2"))
+    for q in questions[:30]:
+        assert fast.rank(q, None, 3) == plain.rank(q, None, 3)
+        assert float(fast.encode_query(q) @ plain.encode_query(q)) >= 0.999
+
+
+@pytest.mark.gpu
+def test_cuda_keeps_the_torch_encoder():
+    """The GPU path is unchanged: with CUDA the torch encoder runs whatever the backend setting says."""
+    enc = fe.load_query_encoder("all-minilm-l6-v2", "onnx", device="cuda")
+    assert isinstance(enc, fe.TorchEncoder) and str(enc.model.device).startswith("cuda")
+    assert enc.encode(["Where does the Thital bird live?"]).shape == (1, 384)
