@@ -21,6 +21,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 C = TypeVar("C", bound="StageConfig")
+# How text is encoded on CPU (uae_ray.models.fast_encoder): the torch model, or its ONNX export run by ONNX Runtime or
+# OpenVINO (cosine >= 0.999 to torch; needs the `fast` extra). With CUDA the torch encoder is used whatever this says.
+EncoderBackend = Literal["torch", "onnx", "openvino"]
 
 
 class ConfigError(ValueError):
@@ -324,6 +327,7 @@ class IndexConfig(StageConfig):
     use_gpu: bool | Literal["auto"] = "auto"  # auto: faiss-gpu when faiss sees a GPU (HNSW always builds on CPU)
     pool: ActorPool = ActorPool(batch_size=64)
     keep_versions: int = Field(3, ge=1)  # index/<version>/ dirs kept (newest; the one CURRENT names never deleted)
+    encoder_backend: EncoderBackend = "torch"  # passage encoding on CPU actors (see EncoderBackend)
 
     @field_validator("factory")
     @classmethod
@@ -355,6 +359,7 @@ class EvaluateConfig(StageConfig):
     generate_ks: list[int] = Field(default_factory=lambda: [1])  # answers from the top-k passages joined
     label: LabelConfig | None = None  # generator + prompt for ExpUtil and answers; `uae-ray run` fills in its label
     base_encoder: str = "all-minilm-l6-v2"  # the base system (and first stage of every re-ranker)
+    encoder_backend: EncoderBackend = "torch"  # query encoding of every dense system (see EncoderBackend)
     rerank_top_k: int = Field(20, ge=1)  # re-rankers re-order the base encoder's top K
     open_scope: Literal["auto", "document", "corpus"] = "auto"  # auto: as mine_report.json says, else by corpus
     rankgpt_window: int = Field(5, ge=2)
@@ -389,6 +394,7 @@ class ServeConfig(StageConfig):
     encoder: str | None = None  # None: the encoder recorded in the index manifest (queries match passages)
     shard_replicas: int = Field(1, ge=1)
     encoder_replicas: int = Field(1, ge=1)  # ingress replicas: each holds the query encoder
+    encoder_backend: EncoderBackend = "torch"  # the query encoder's runtime in the ingress (see EncoderBackend)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_k: int = Field(100, ge=1)

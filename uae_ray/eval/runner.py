@@ -100,7 +100,12 @@ def build_systems(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corp
                 index = idx
                 out.index_used[name] = f"FAISS {idx.manifest.get('factory')} x {idx.manifest.get('num_shards')}"
         vectors = encode_rows(model, corpus, needed_rows if index is None else np.arange(len(corpus.pids)))
-        out.systems[name] = DenseSystem(name, model, vectors, index=index, corpus=corpus)
+        query_encoder = None
+        if cfg.encoder_backend != "torch":
+            from uae_ray.models.fast_encoder import load_query_encoder
+
+            query_encoder = load_query_encoder(path, cfg.encoder_backend)
+        out.systems[name] = DenseSystem(name, model, vectors, index=index, corpus=corpus, query_encoder=query_encoder)
         out.models[name] = f"{path} ({encoder_fingerprint(path)})"
     base = out.systems.get("base")
     if "reward_rerank" in wanted:

@@ -97,12 +97,14 @@ class DenseSystem:
         corpus_vectors: float32 [n_passages, d] unit vectors of the same encoder (corpus row order).
         index: a :class:`~uae_ray.index.search.ShardedIndex` of this encoder, used for ``candidates=None``.
         corpus: needed with ``index`` (pid -> row).
+        query_encoder: encodes the queries instead of ``model`` (a :mod:`uae_ray.models.fast_encoder` backend).
     """
 
     def __init__(self, name: str, model: Any, corpus_vectors: np.ndarray, *, index: Any | None = None,
-                 corpus: Corpus | None = None, max_query_length: int = 64) -> None:
+                 corpus: Corpus | None = None, max_query_length: int = 64, query_encoder: Any | None = None) -> None:
         self.name = name
         self.model = model
+        self.query_encoder = query_encoder
         self.vectors = corpus_vectors
         self.index = index
         self.corpus = corpus
@@ -113,6 +115,8 @@ class DenseSystem:
     def encode_query(self, question: str) -> np.ndarray:
         from uae_ray.models.encoder import encode
 
+        if self.query_encoder is not None:
+            return self.query_encoder.encode([question], batch_size=1, max_length=self.max_query_length)[0]
         return encode(self.model, [question], batch_size=1, max_length=self.max_query_length)[0]
 
     def rank(self, question: str, candidates: np.ndarray | None, k: int) -> list[int]:

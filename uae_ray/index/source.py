@@ -11,12 +11,6 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from uae_ray.models.registry import resolve_model
-
-# The run-dir model lookup lives in uae_ray.models.registry (models/ must not import index/); this name stays for
-# the callers that resolve an encoder spec next to its fingerprint.
-resolve_encoder = resolve_model
-
 
 def encoder_fingerprint(path: str) -> str:
     """sha1 over (relative path, size, mtime) of the model files of a local directory; the path itself otherwise."""

@@ -8,7 +8,7 @@ with a message naming the field, never a 500.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
@@ -52,6 +52,7 @@ class AppArgs(BaseModel):
     max_batch_size: int = Field(32, ge=1)  # the ingress's encoder @serve.batch, changed live through user_config
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_query_tokens: int = Field(64, ge=8)
+    encoder_backend: Literal["torch", "onnx", "openvino"] = "torch"  # the ingress's query encoder runtime (CPU)
     mmap: bool = True
     max_k: int = Field(100, ge=1)
     max_queries: int = Field(32, ge=1)  # queries per request

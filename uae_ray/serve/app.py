@@ -261,18 +261,22 @@ class Retriever(_Pinned):
     merge, expected utility, adaptive k."""
 
     def __init__(self, groups: list[DeploymentHandle], settings: RetrieverSettings, run_dir: str, encoder: str,
-                 index: str, max_query_tokens: int) -> None:
-        from uae_ray.index.source import resolve_encoder
-        from uae_ray.models.encoder import load_encoder
+                 index: str, max_query_tokens: int, encoder_backend: str = "torch") -> None:
+        import torch
+
+        from uae_ray.models.fast_encoder import load_query_encoder
+        from uae_ray.models.registry import resolve_model
 
         self.groups = groups
         self.settings = settings
         rd, _, manifest = _load_version(run_dir, index, settings.version)
         self.pinned, self.loaded = settings.version, manifest.get("version")
         self.encoder_key = encoder_key(manifest)
-        self.model = load_encoder(resolve_encoder(encoder, rd))
+        # torch, or the same model exported to ONNX and run by ONNX Runtime / OpenVINO (once per node, cached)
+        self.model = load_query_encoder(resolve_model(encoder, rd), encoder_backend, max_length=max_query_tokens,
+                                        device="cuda" if torch.cuda.is_available() else "cpu")
         self.max_query_tokens = max_query_tokens
-        self.dim = int(self.model.get_embedding_dimension())
+        self.dim = int(self.model.dim)
         if manifest["dim"] != self.dim:
             raise ValueError(f"encoder {encoder!r} gives {self.dim}-d vectors, the index holds {manifest['dim']}-d")
         # the replica's own environment wins (a Secret on the serving nodes); set but empty is an error, not "open"
@@ -297,12 +301,10 @@ class Retriever(_Pinned):
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        from uae_ray.models.encoder import encode
-
         loop = asyncio.get_running_loop()
         vectors = await loop.run_in_executor(
-            self.encoder_pool, lambda: encode(self.model, texts, batch_size=len(texts),
-                                              max_length=self.max_query_tokens))
+            self.encoder_pool,
+            lambda: self.model.encode(texts, batch_size=len(texts), max_length=self.max_query_tokens))
         self.batches += 1
         self.queries += len(texts)
         return list(vectors)
@@ -545,4 +547,4 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     return Retriever.options(
         num_replicas=a.ingress_replicas, ray_actor_options={"num_cpus": a.ingress_num_cpus, **pin}, **rollout,
         user_config={"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s},
-    ).bind(shard_apps, settings, a.run_dir, encoder, a.index, a.max_query_tokens)
+    ).bind(shard_apps, settings, a.run_dir, encoder, a.index, a.max_query_tokens, a.encoder_backend)

@@ -84,7 +84,7 @@ def _rank_all(cfg: EvaluateConfig, run_dir: RunDir, systems: dict[str, Any], mod
                     "model": models.get(name), "generator": models.get("generator") if name in LLM_SYSTEMS else None,
                     "config": cfg.model_dump(include={"rerank_top_k", "rankgpt_window", "rankgpt_step",
                                                       "rankgpt_passage_tokens", "reward_max_length", "base_encoder",
-                                                      "llm_dtype"})}
+                                                      "llm_dtype", "encoder_backend"})}
             path = f"{EVAL}/rankings/{setting}__{name}"
             if run_dir.exists(f"{path}.json") and run_dir.read_json(f"{path}.json") == meta:
                 out[(setting, name)] = run_dir.read_table(f"{path}.parquet")

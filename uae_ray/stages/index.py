@@ -22,18 +22,22 @@ from uae_ray.calibration import CALIBRATION_FILE, load_calibration
 from uae_ray.config import ActorPool, IndexConfig
 from uae_ray.data.schema import CORPUS, INDEX
 from uae_ray.index.build import MANIFEST, build_sharded_index, default_search_params, gpu_available
-from uae_ray.index.source import corpus_fingerprint, encoder_fingerprint, resolve_encoder
+from uae_ray.index.source import corpus_fingerprint, encoder_fingerprint
 from uae_ray.index.versions import CURRENT, IndexVersionError, current_version, publish
+from uae_ray.models.registry import resolve_model
 from uae_ray.runtime import RunDir, ensure_ray
 
 log = logging.getLogger("uae_ray.index")
 
 
-def encode_corpus(corpus: pa.Table, encoder: str, pool: ActorPool, run_dir: str | None = None) -> np.ndarray:
-    """Encode the ``text`` column with an actor pool of :class:`~uae_ray.models.encoder.EncodeBatch`.
+def encode_corpus(corpus: pa.Table, encoder: str, pool: ActorPool, run_dir: str | None = None,
+                  backend: str = "torch") -> np.ndarray:
+    """Encode the ``text`` column with an actor pool of :class:`~uae_ray.models.encoder.EncodeBatch` (``backend``
+    torch) or :class:`~uae_ray.models.fast_encoder.BackendEncodeBatch` (onnx, openvino).
 
     Args:
         encoder: a model spec; ``run:<dir>`` is resolved against ``run_dir`` (a URI) on each actor's node.
+        backend: the CPU runtime (see :data:`uae_ray.config.EncoderBackend`); CUDA actors use torch.
 
     Returns:
         float32 [n, d] unit vectors in the row order of ``corpus``.
@@ -41,13 +45,15 @@ def encode_corpus(corpus: pa.Table, encoder: str, pool: ActorPool, run_dir: str 
     import ray
 
     from uae_ray.models.encoder import EncodeBatch
+    from uae_ray.models.fast_encoder import BackendEncodeBatch
 
     n = corpus.num_rows
     table = pa.table({"row": np.arange(n, dtype=np.int64), "text": corpus.column("text")})
     blocks = max(1, min(n // pool.batch_size, 4 * pool.max_size))
+    fn, kwargs = (EncodeBatch, {}) if backend == "torch" else (BackendEncodeBatch, {"backend": backend})
     ds = ray.data.from_arrow(table, override_num_blocks=blocks).map_batches(
-        EncodeBatch,
-        fn_constructor_kwargs={"encoder": encoder, "run_dir": run_dir},
+        fn,
+        fn_constructor_kwargs={"encoder": encoder, "run_dir": run_dir, **kwargs},
         **pool.map_batches_args(),
         batch_size=pool.batch_size,
     )
@@ -67,12 +73,15 @@ def encode_corpus(corpus: pa.Table, encoder: str, pool: ActorPool, run_dir: str 
 
 
 def _source(cfg: IndexConfig, corpus: pa.Table, encoder_path: str) -> dict[str, Any]:
-    return {
+    source = {
         "corpus_rows": corpus.num_rows,
         "corpus_sha1": corpus_fingerprint(corpus),
         "encoder_spec": cfg.encoder,
         "encoder_sha1": encoder_fingerprint(encoder_path),
     }
+    if cfg.encoder_backend != "torch":  # absent for torch: indexes built before the setting existed stay current
+        source["encoder_backend"] = cfg.encoder_backend
+    return source
 
 
 def _current_manifest(run_dir: RunDir) -> dict[str, Any] | None:
@@ -116,7 +125,7 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
     corpus = run_dir.read_table(CORPUS, columns=["pid", "doc_id", "text", "n_tokens"])
     if corpus.num_rows == 0:
         raise ValueError(f"{run_dir.path(CORPUS)}: no passages to index")
-    encoder_path = resolve_encoder(cfg.encoder, run_dir)
+    encoder_path = resolve_model(cfg.encoder, run_dir)
     source = _source(cfg, corpus, encoder_path)
     manifest = _current_manifest(run_dir)
     if manifest is not None and _is_current(manifest, cfg, source):
@@ -129,7 +138,12 @@ def run(cfg: IndexConfig, run_dir: RunDir) -> dict[str, Any]:
     use_gpu = gpu_available() > 0 if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
     ensure_ray()
     t0 = time.perf_counter()
-    vectors = encode_corpus(corpus, cfg.encoder, cfg.pool, run_dir.uri)  # actors resolve cfg.encoder themselves
+    if cfg.encoder_backend != "torch":  # export once on this node; actors elsewhere export into their node's cache
+        from uae_ray.models.fast_encoder import export_onnx
+
+        export_onnx(encoder_path)
+    # actors resolve cfg.encoder themselves
+    vectors = encode_corpus(corpus, cfg.encoder, cfg.pool, run_dir.uri, backend=cfg.encoder_backend)
     encode_s = time.perf_counter() - t0
     log.info("index: encoded %d passages in %.1f s; building %s x %d", len(vectors), encode_s, cfg.factory,
              cfg.num_shards)

@@ -52,6 +52,7 @@ def app_args(cfg: ServeConfig, run_dir: RunDir, cpus: dict[str, float] | None = 
         "encoder": cfg.encoder,
         "shard_replicas": cfg.shard_replicas,
         "ingress_replicas": cfg.encoder_replicas,
+        "encoder_backend": cfg.encoder_backend,
         "max_batch_size": cfg.max_batch_size,
         "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
         "max_k": cfg.max_k,
