@@ -252,6 +252,7 @@ def test_encoder_batches_concurrent_queries_with_the_configured_size(client):
     encoder = serve.get_deployment_handle("Retriever", app_name="default")  # the ingress holds the encoder
     before = encoder.stats.remote().result()
     assert before["max_batch_size"] == 8 and before["batch_wait_timeout_s"] == pytest.approx(0.005)  # user_config
+    assert before["encoder_backend"] == "torch"
 
     def one(i: int) -> int:
         return client.post("/search", json={"query": f"question {i} about oceans", "k": 1}).status_code
@@ -599,7 +600,8 @@ def test_without_a_token_only_loopback_clients_are_answered():
 def test_uae_ray_serve_with_defaults_starts_on_one_cpu_from_another_dir_and_answers(tmp_path):
     """`uae-ray serve` as the README runs it, from another directory (the app comes from the package, no sys.path
     insert), on a 1-CPU local cluster: its default replicas (ingress 1 + shard group 0.5 CPUs) would wait forever for
-    1.5 CPUs; they are fitted to the cluster."""
+    1.5 CPUs; they are fitted to the cluster. The query encoder runs through ONNX Runtime here (``encoder_backend``;
+    the module's app above uses torch), and its answers are the torch app's."""
     rd = RunDir(tmp_path / "cli")
     version = _publish(rd, "cli")
     port = _free_port()
@@ -610,7 +612,8 @@ def test_uae_ray_serve_with_defaults_starts_on_one_cpu_from_another_dir_and_answ
     with open(log_path, "wb") as log_file:
         cli = Path(sys.executable).with_name("uae-ray")  # the console script, as the README runs it
         proc = subprocess.Popen(
-            [str(cli), "serve", "--run-dir", rd.uri, "--num-cpus", "1", "--set", f"port={port}"],
+            [str(cli), "serve", "--run-dir", rd.uri, "--num-cpus", "1", "--set", f"port={port}",
+             "--set", "encoder_backend=onnx"],
             stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
         )
     try:

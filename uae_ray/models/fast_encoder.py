@@ -300,8 +300,8 @@ class BackendEncodeBatch:
                  run_dir: str | None = None) -> None:
         import torch
 
-        from uae_ray.index.source import resolve_on_worker
         from uae_ray.models.encoder import EncodeBatch
+        from uae_ray.models.registry import resolve_model_on_worker
 
         self.text_column = text_column
         self.max_length = max_length
@@ -310,7 +310,7 @@ class BackendEncodeBatch:
         if torch.cuda.is_available() or check_backend(backend) == "torch":
             self._torch = EncodeBatch(encoder, text_column=text_column, max_length=max_length, run_dir=run_dir)
         else:
-            self._fast = load_query_encoder(resolve_on_worker(encoder, run_dir), backend)
+            self._fast = load_query_encoder(resolve_model_on_worker(encoder, run_dir), backend)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._torch is not None:

@@ -312,6 +312,7 @@ class Retriever(_Pinned):
     def stats(self) -> dict[str, Any]:
         """Live batching settings, the batches formed so far and the backend counters."""
         return {**self.batch_settings, "batches": self.batches, "queries": self.queries, "dim": self.dim,
+                "encoder_backend": self.model.backend,
                 "version": self.loaded, "retried_calls": self.retried, "version_conflicts": self.version_conflicts}
 
     # ---- backend calls with retry on dead replicas
