@@ -182,53 +182,6 @@ def test_checkpoint_of_another_config_is_never_resumed(tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------------- Ray Data: examples (1 cluster)
-@pytest.mark.slow
-def test_ray_data_builds_the_same_examples_and_the_loop_config_carries_none(ray_session, tmp_path):
-    """The examples built by Ray Data from the run directory's Parquet tables are exactly those of the pure builders
-    on the whole tables; the trainer's loop config holds none of them (no text, a size independent of the data)."""
-    from dataclasses import asdict
-
-    from uae_ray.stages import train_encoder, train_reward
-    from uae_ray.training.data import EncoderExample, RewardGroup
-    from uae_ray.training.dataset import TRAIN_DATA, pickled_size, read_examples
-
-    rd = build_tiny_run(str(tmp_path / "run"), n_docs=8)
-    tables = {n: rd.read_table(n) for n in (schema.QUERIES, schema.CORPUS, schema.CANDIDATES, schema.UTILITIES,
-                                            schema.TEACHER_SCORES)}
-    cfg = _encoder_cfg(epochs=1)
-    config, datasets, counts = train_encoder.trainer_inputs(cfg, rd)
-    want, want_counts = build_encoder_examples(
-        tables[schema.QUERIES], tables[schema.CORPUS], tables[schema.CANDIDATES], tables[schema.TEACHER_SCORES],
-        n_hard_negatives=cfg.n_hard_negatives, useful_quantile=cfg.useful_quantile)
-    assert counts == want_counts
-    got = read_examples(rd, f"{TRAIN_DATA}/{cfg.output}", [e.qid for e in want], EncoderExample)
-    assert got == want
-    assert sorted(datasets["train_qids"].to_pandas()["qid"]) == [e.qid for e in want]
-
-    rcfg = TrainRewardConfig(heldout_fraction=0.15, scaling=TWO)
-    inputs = train_reward.trainer_inputs(rcfg, rd)
-    groups, skips = build_reward_groups(tables[schema.QUERIES], tables[schema.CORPUS], tables[schema.UTILITIES])
-    assert inputs.skips == skips
-    assert read_examples(rd, f"{TRAIN_DATA}/reward", [g.qid for g in groups], RewardGroup) == groups
-    assert sorted(inputs.train + inputs.heldout + inputs.dev) == [g.qid for g in groups]
-    assert sorted(datasets_qids(inputs.datasets)) == sorted(inputs.train)
-
-    # the old loop config pickled every example: here a few hundred bytes, whatever the data, and no text in it
-    old_size = pickled_size({"examples": [asdict(e) for e in want]})
-    for loop_cfg in (config, inputs.loop_config):
-        size = pickled_size(loop_cfg)
-        assert size < 2048 < old_size, (size, old_size)
-        blob = repr(loop_cfg)
-        assert not any(e.question in blob or any(p in blob for p in e.passages) for e in want)
-    rd4 = build_tiny_run(str(tmp_path / "run4"), n_docs=4)
-    small = train_encoder.trainer_inputs(cfg, rd4)[0]
-    assert pickled_size(small) - len(rd4.uri) == pickled_size(config) - len(rd.uri)  # only the run dir's name
-
-
-def datasets_qids(datasets: dict) -> list[str]:
-    return list(datasets["train_qids"].to_pandas()["qid"])
-
-
 # -------------------------------------------------------------------------------------- Ray Train (2 gloo workers)
 def _epoch_means(history: list[dict]) -> list[float]:
     epochs = sorted({h["epoch"] for h in history})
@@ -265,6 +218,53 @@ def test_train_reward_two_workers_lowers_loss_and_writes_model(trained_reward_ru
                     ["The Zorblat is a rare creature whose feathers are blue in every season.",
                      "Scientists catalogued the Quimble in the year 1807 after a long expedition."], max_length=48)
     assert s.shape == (2,) and np.isfinite(s).all()
+
+
+@pytest.mark.slow
+def test_ray_data_builds_the_same_examples_and_the_loop_config_carries_none(trained_reward_run):
+    """The examples built by Ray Data from the run directory's Parquet tables are exactly those of the pure builders
+    on the whole tables; a rerun on unchanged inputs reuses the table; the trainer's loop config holds no example (no
+    text, a size independent of the data)."""
+    from dataclasses import asdict, replace
+
+    from uae_ray.stages import train_encoder, train_reward
+    from uae_ray.training.data import EncoderExample, RewardGroup
+    from uae_ray.training.dataset import BUILD_RECORD, TRAIN_DATA, pickled_size, read_examples
+
+    rd, rcfg, _ = trained_reward_run
+    tables = {n: rd.read_table(n) for n in (schema.QUERIES, schema.CORPUS, schema.CANDIDATES, schema.UTILITIES,
+                                            schema.TEACHER_SCORES)}
+    record = rd.read_json(f"{TRAIN_DATA}/reward/{BUILD_RECORD}")
+    inputs = train_reward.trainer_inputs(rcfg, rd)  # the fixture's run built it: reused, not rebuilt
+    assert rd.read_json(f"{TRAIN_DATA}/reward/{BUILD_RECORD}") == record
+    groups, skips = build_reward_groups(tables[schema.QUERIES], tables[schema.CORPUS], tables[schema.UTILITIES])
+    assert inputs.skips == skips
+    assert read_examples(rd, f"{TRAIN_DATA}/reward", [g.qid for g in groups], RewardGroup) == groups
+    assert sorted(inputs.train + inputs.heldout + inputs.dev) == [g.qid for g in groups]
+    assert sorted(inputs.datasets["train_qids"].to_pandas()["qid"]) == sorted(inputs.train)
+
+    cfg = _encoder_cfg(epochs=1, teacher="reward_model")
+    config, datasets, counts = train_encoder.trainer_inputs(cfg, rd)
+    want, want_counts = build_encoder_examples(
+        tables[schema.QUERIES], tables[schema.CORPUS], tables[schema.CANDIDATES], tables[schema.TEACHER_SCORES],
+        n_hard_negatives=cfg.n_hard_negatives, useful_quantile=cfg.useful_quantile)
+    assert counts == want_counts
+    assert read_examples(rd, f"{TRAIN_DATA}/{cfg.output}", [e.qid for e in want], EncoderExample) == want
+    assert sorted(datasets["train_qids"].to_pandas()["qid"]) == [e.qid for e in want]
+
+    # the old loop config pickled every example: now about 1 KB whatever the data, and no text in it
+    old_size = pickled_size({"examples": [asdict(e) for e in want]})
+    for loop_cfg in (config, inputs.loop_config):
+        size = pickled_size(loop_cfg)
+        assert size < 2048 < old_size, (size, old_size)
+        blob = repr(loop_cfg)
+        assert not any(e.question in blob or any(p in blob for p in e.passages) for e in want)
+    from uae_ray.training.dataset import TrainData
+    from uae_ray.training.loop import loop_config
+
+    data = TrainData("x", len(want), {}, [f"{i:016x}" for i in range(len(want))])
+    bigger = replace(data, n_examples=100 * len(want), row_hashes=[f"{i:016x}" for i in range(100 * len(want))])
+    assert pickled_size(loop_config(cfg, bigger, rd, "encoder")) == pickled_size(loop_config(cfg, data, rd, "encoder"))
 
 
 @pytest.mark.slow

@@ -13,10 +13,12 @@ is tagged with its kind in one long schema, and two hash shuffles bring together
    run on that one query's rows, so skips and hard negatives are decided exactly as they were on the driver.
 
 One row per query (the example, or none plus the query's skip counts) is written to ``train_data/<name>/`` in the
-run directory: a durable input that survives a lost node or a killed driver, read again by every epoch.
+run directory: a durable input that survives a lost node or a killed driver, read again by every epoch. Its
+``_build.json`` records what it was built from (:func:`build_stamp`): a rerun on unchanged inputs reuses it.
 
 **Training** (:func:`rank_plan`, :func:`rank_batches`). ``TorchTrainer(datasets=..., dataset_config=
-DataConfig(datasets_to_split=[]))`` gives every worker the whole example table through
+DataConfig(datasets_to_split=[]))`` gives every worker the whole example table (materialized once into the object
+store) through
 ``ray.train.get_dataset_shard``. A worker reads the ``qid`` column once (``train_qids``: ids only) and sorts it; an
 epoch's order is then the seeded permutation ``default_rng([seed, epoch])`` of those sorted ids, and rank ``r`` takes
 the queries at positions ``(step * world + r) * per_worker ...`` of it: the same assignment as before this module
@@ -58,6 +60,8 @@ from uae_ray.training.data import (
 TRAIN_DATA = "train_data"  # run-dir directory of the built example tables, one sub-directory per training
 TRAIN, TRAIN_QIDS = "train", "train_qids"  # the Ray Train dataset names
 PARTITION_BYTES = 256 * 1024**2  # input bytes per hash-shuffle partition
+BUILD_RECORD = "_build.json"  # inside a built table: what it was built from (readers of Parquet skip "_" files)
+BUILD_VERSION = 1  # bump when the built rows change for the same inputs
 
 # One long schema for every input row, so that tables of different shapes can be unioned and shuffled together.
 _LONG = pa.schema([
@@ -212,15 +216,34 @@ def _partitions(run_dir: RunDir, names: list[str]) -> int:
     return max(1, min(cpus, -(-size // PARTITION_BYTES)))
 
 
-def _write_and_summarise(run_dir: RunDir, name: str, inputs: list[str], by_pid: Any, others: list[Any],
-                         group_fn: Callable[[pa.Table], pa.Table], schema: pa.Schema) -> TrainData:
-    parts = _partitions(run_dir, inputs)
-    texts = by_pid.groupby("pid", num_partitions=parts).map_groups(_attach_text, batch_format="pyarrow")
-    rows = texts.union(*others).groupby("qid", num_partitions=parts).map_groups(group_fn, batch_format="pyarrow")
-    run_dir.remove(name)  # a killed run's partial table (this stage holds the run dir's lease)
-    rows.write_parquet(run_dir.path(name), filesystem=run_dir.fs)
-    if not run_dir.exists(name):  # no query at all: Ray Data writes no file
-        run_dir.write_table(f"{name}/part-empty.parquet", schema.empty_table())
+def build_stamp(run_dir: RunDir, inputs: list[str], params: dict[str, Any]) -> str:
+    """What a built table depends on: every input file's path, size and modification time, the build parameters and
+    :data:`BUILD_VERSION` (a rerun on unchanged inputs reuses the table: the resume of a killed run starts at once)."""
+    import pyarrow.fs as pafs
+
+    files = []
+    for name in inputs:
+        info = run_dir.fs.get_file_info(run_dir.path(name))
+        infos = (run_dir.fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
+                 if info.type == pafs.FileType.Directory else [info])
+        files += sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    record = {"version": BUILD_VERSION, "params": params, "files": files}
+    return hashlib.sha1(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write_and_summarise(run_dir: RunDir, name: str, inputs: list[str], params: dict[str, Any], by_pid: Any,
+                         others: list[Any], group_fn: Callable[[pa.Table], pa.Table], schema: pa.Schema) -> TrainData:
+    stamp = build_stamp(run_dir, inputs, params)
+    record = f"{name}/{BUILD_RECORD}"
+    if not (run_dir.exists(record) and run_dir.read_json(record).get("stamp") == stamp):
+        parts = _partitions(run_dir, inputs)
+        texts = by_pid.groupby("pid", num_partitions=parts).map_groups(_attach_text, batch_format="pyarrow")
+        rows = texts.union(*others).groupby("qid", num_partitions=parts).map_groups(group_fn, batch_format="pyarrow")
+        run_dir.remove(name)  # an older or partial table (this stage holds the run dir's lease)
+        rows.write_parquet(run_dir.path(name), filesystem=run_dir.fs)
+        if not run_dir.exists(name):  # no query at all: Ray Data writes no file
+            run_dir.write_table(f"{name}/part-empty.parquet", schema.empty_table())
+        run_dir.write_json(record, {"stamp": stamp, "inputs": inputs, "params": params})
     small = run_dir.read_table(name, columns=["counts", "has_example", "row_hash"])
     counts: Counter[str] = Counter()
     for c in small["counts"].to_pylist():
@@ -237,7 +260,7 @@ def build_reward_data(run_dir: RunDir, name: str) -> TrainData:
         _tagged("pair", {"utility": "value"}), batch_format="pyarrow")
     queries = _read(run_dir, QUERIES, ["qid", "doc_id", "split", "question"]).map_batches(
         _tagged("query"), batch_format="pyarrow")
-    return _write_and_summarise(run_dir, name, [CORPUS, UTILITIES, QUERIES], corpus.union(pairs), [queries],
+    return _write_and_summarise(run_dir, name, [CORPUS, UTILITIES, QUERIES], {}, corpus.union(pairs), [queries],
                                 _reward_group, REWARD_SCHEMA)
 
 
@@ -264,7 +287,10 @@ def build_encoder_data(run_dir: RunDir, name: str, *, teacher: tuple[str, str] |
             _tagged("teacher", {column: "value"}), batch_format="pyarrow"))
     group_fn = functools.partial(_encoder_group, n_hard_negatives=n_hard_negatives, useful_quantile=useful_quantile,
                                  splits=splits, with_teacher=teacher is not None)
-    return _write_and_summarise(run_dir, name, inputs, corpus.union(cands, golds), others, group_fn, ENCODER_SCHEMA)
+    params = {"teacher": teacher, "n_hard_negatives": n_hard_negatives, "useful_quantile": useful_quantile,
+              "splits": list(splits)}
+    return _write_and_summarise(run_dir, name, inputs, params, corpus.union(cands, golds), others, group_fn,
+                                ENCODER_SCHEMA)
 
 
 def train_datasets(run_dir: RunDir, name: str, where: Any = None) -> dict[str, Any]:
@@ -276,8 +302,11 @@ def train_datasets(run_dir: RunDir, name: str, where: Any = None) -> dict[str, A
     keep = col("has_example") == lit(True)
     if where is not None:
         keep = keep & where
-    ds = ray.data.read_parquet(run_dir.path(name), filesystem=run_dir.fs).filter(expr=keep)
-    return {TRAIN: ds, TRAIN_QIDS: ds.select_columns(["qid"])}
+    # materialized once into the object store (blocks on the nodes, spilled to disk when large; the driver holds
+    # only their references): every worker iterates it each epoch, and re-reading the files costs each worker tens
+    # of seconds of Ray Data start-up per epoch on a small cluster
+    ds = ray.data.read_parquet(run_dir.path(name), filesystem=run_dir.fs).filter(expr=keep).materialize()
+    return {TRAIN: ds, TRAIN_QIDS: ds.select_columns(["qid"]).materialize()}
 
 
 def read_examples(run_dir: RunDir, name: str, qids: list[str], kind: type) -> list[Any]:
