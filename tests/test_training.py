@@ -88,6 +88,47 @@ def test_worker_batches_are_disjoint_and_deterministic():
         n, epoch=1, step=0, rank=0, world=2, per_worker=2, seed=1)
 
 
+def test_rank_plan_is_seeded_epoch_dependent_and_a_resume_replays_the_same_batches():
+    """Each rank's batches: today's assignment (worker_batch over the examples sorted by qid), disjoint across ranks
+    and steps, another order each epoch, the same for the same seed whatever order the table's blocks stream in, and
+    a run resumed at step k of an epoch gets exactly the batches k.. of the uninterrupted run."""
+    from uae_ray.training.data import RewardGroup
+    from uae_ray.training.dataset import rank_batches, rank_plan, sorted_qids
+
+    n, world, per, seed = 11, 2, 2, 7
+    rows = [{"qid": f"q{i:02d}", "doc_id": "d", "split": "train", "question": f"question {i}", "pids": ["a", "b"],
+             "passages": [f"text {i}a", f"text {i}b"], "utilities": [1.0, 0.0], "extra": i} for i in range(n)]
+    rng = np.random.default_rng(0)
+    table = pa.Table.from_pylist([rows[i] for i in rng.permutation(n)])  # the table is in no particular order
+    blocks = [table.slice(0, 4), table.slice(4, 3), table.slice(7)]
+    qids = sorted_qids(blocks)
+    assert qids == [r["qid"] for r in rows]
+    steps = steps_per_epoch(n, world, per)
+
+    def plan(epoch: int, rank: int, first: int = 0, s: int = seed) -> list[list[str]]:
+        return rank_plan(qids, epoch=epoch, first_step=first, n_steps=steps, rank=rank, world=world,
+                         per_worker=per, seed=s)
+
+    for epoch in (0, 1):
+        for rank in range(world):
+            assert plan(epoch, rank) == [[qids[i] for i in worker_batch(
+                n, epoch=epoch, step=st, rank=rank, world=world, per_worker=per, seed=seed)] for st in range(steps)]
+        seen = [q for rank in range(world) for b in plan(epoch, rank) for q in b]
+        assert len(seen) == len(set(seen)) == steps * world * per
+    assert plan(0, 0) != plan(1, 0) and plan(0, 0) != plan(0, 0, s=seed + 1)
+    assert plan(1, 1, first=1) == plan(1, 1)[1:]  # resumed after step 0 of epoch 1
+
+    full = rank_batches(blocks, plan(1, 0), RewardGroup)
+    assert [[g.qid for g in b] for b in full] == plan(1, 0)
+    assert full[0][0].passages == rows[int(full[0][0].qid[1:])]["passages"]
+    assert rank_batches(list(reversed(blocks)), plan(1, 0), RewardGroup) == full  # block order does not matter
+    assert rank_batches(blocks, plan(1, 0, first=1), RewardGroup) == full[1:]
+    with pytest.raises(ValueError, match="lacks 1 planned"):
+        rank_batches(blocks[1:], [[blocks[0]["qid"][0].as_py()]], RewardGroup)  # its block never streamed
+    with pytest.raises(ValueError, match="twice"):
+        sorted_qids([table, table.slice(0, 1)])
+
+
 def test_checkpoint_roundtrip_restores_model_optimizer_and_state(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
@@ -140,6 +181,7 @@ def test_checkpoint_of_another_config_is_never_resumed(tmp_path, caplog):
     assert resume_state(tmp_path, torch.nn.Linear(4, 2), opt, fp).global_step == 0
 
 
+# ----------------------------------------------------------------------------------- Ray Data: examples (1 cluster)
 # -------------------------------------------------------------------------------------- Ray Train (2 gloo workers)
 def _epoch_means(history: list[dict]) -> list[float]:
     epochs = sorted({h["epoch"] for h in history})
@@ -176,6 +218,53 @@ def test_train_reward_two_workers_lowers_loss_and_writes_model(trained_reward_ru
                     ["The Zorblat is a rare creature whose feathers are blue in every season.",
                      "Scientists catalogued the Quimble in the year 1807 after a long expedition."], max_length=48)
     assert s.shape == (2,) and np.isfinite(s).all()
+
+
+@pytest.mark.slow
+def test_ray_data_builds_the_same_examples_and_the_loop_config_carries_none(trained_reward_run):
+    """The examples built by Ray Data from the run directory's Parquet tables are exactly those of the pure builders
+    on the whole tables; a rerun on unchanged inputs reuses the table; the trainer's loop config holds no example (no
+    text, a size independent of the data)."""
+    from dataclasses import asdict, replace
+
+    from uae_ray.stages import train_encoder, train_reward
+    from uae_ray.training.data import EncoderExample, RewardGroup
+    from uae_ray.training.dataset import BUILD_RECORD, TRAIN_DATA, pickled_size, read_examples
+
+    rd, rcfg, _ = trained_reward_run
+    tables = {n: rd.read_table(n) for n in (schema.QUERIES, schema.CORPUS, schema.CANDIDATES, schema.UTILITIES,
+                                            schema.TEACHER_SCORES)}
+    record = rd.read_json(f"{TRAIN_DATA}/reward/{BUILD_RECORD}")
+    inputs = train_reward.trainer_inputs(rcfg, rd)  # the fixture's run built it: reused, not rebuilt
+    assert rd.read_json(f"{TRAIN_DATA}/reward/{BUILD_RECORD}") == record
+    groups, skips = build_reward_groups(tables[schema.QUERIES], tables[schema.CORPUS], tables[schema.UTILITIES])
+    assert inputs.skips == skips
+    assert read_examples(rd, f"{TRAIN_DATA}/reward", [g.qid for g in groups], RewardGroup) == groups
+    assert sorted(inputs.train + inputs.heldout + inputs.dev) == [g.qid for g in groups]
+    assert sorted(inputs.datasets["train_qids"].to_pandas()["qid"]) == sorted(inputs.train)
+
+    cfg = _encoder_cfg(epochs=1, teacher="reward_model")
+    config, datasets, counts = train_encoder.trainer_inputs(cfg, rd)
+    want, want_counts = build_encoder_examples(
+        tables[schema.QUERIES], tables[schema.CORPUS], tables[schema.CANDIDATES], tables[schema.TEACHER_SCORES],
+        n_hard_negatives=cfg.n_hard_negatives, useful_quantile=cfg.useful_quantile)
+    assert counts == want_counts
+    assert read_examples(rd, f"{TRAIN_DATA}/{cfg.output}", [e.qid for e in want], EncoderExample) == want
+    assert sorted(datasets["train_qids"].to_pandas()["qid"]) == [e.qid for e in want]
+
+    # the old loop config pickled every example: now about 1 KB whatever the data, and no text in it
+    old_size = pickled_size({"examples": [asdict(e) for e in want]})
+    for loop_cfg in (config, inputs.loop_config):
+        size = pickled_size(loop_cfg)
+        assert size < 2048 < old_size, (size, old_size)
+        blob = repr(loop_cfg)
+        assert not any(e.question in blob or any(p in blob for p in e.passages) for e in want)
+    from uae_ray.training.dataset import TrainData
+    from uae_ray.training.loop import loop_config
+
+    data = TrainData("x", len(want), {}, [f"{i:016x}" for i in range(len(want))])
+    bigger = replace(data, n_examples=100 * len(want), row_hashes=[f"{i:016x}" for i in range(100 * len(want))])
+    assert pickled_size(loop_config(cfg, bigger, rd, "encoder")) == pickled_size(loop_config(cfg, data, rd, "encoder"))
 
 
 @pytest.mark.slow
@@ -321,26 +410,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(lora: bool):
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_teacher_table_reads_the_configured_teacher(tmp_path):
+def test_teacher_source_names_the_configured_teacher(tmp_path):
     """teacher=reward_model reads score-reward's table, teacher=utilities the label stage's parts; missing -> named."""
     import pyarrow as pa
 
     from uae_ray.data.schema import TEACHER_SCORES, UTILITIES, UTILITIES_SCHEMA
     from uae_ray.runtime import RunDir
-    from uae_ray.stages.train_encoder import teacher_table
+    from uae_ray.stages.train_encoder import teacher_source
 
     run_dir = RunDir(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match=r"teacher_scores\.parquet.*score-reward"):
-        teacher_table(TrainEncoderConfig(), run_dir)
+        teacher_source(TrainEncoderConfig(), run_dir)
     with pytest.raises(FileNotFoundError, match=r"utilities.*run label"):
-        teacher_table(TrainEncoderConfig(teacher="utilities"), run_dir)
+        teacher_source(TrainEncoderConfig(teacher="utilities"), run_dir)
     scores = {"qid": ["q1", "q1"], "pid": ["a", "b"], "teacher_score": [0.5, -1.0]}
     run_dir.write_table(TEACHER_SCORES, pa.table(scores))
     for i, (pid, u) in enumerate([("a", 2.25), ("b", -0.5)]):
         run_dir.write_table(f"{UTILITIES}/part-{i:06d}.parquet", pa.table({
             "qid": ["q1"], "pid": [pid], "logp_with": [-1.0], "logp_without": [-1.0 - u], "n_answer_tokens": [3],
             "utility": [u], "generator": ["g"], "prompt_version": ["v"]}, schema=UTILITIES_SCHEMA))
-    reward = teacher_table(TrainEncoderConfig(), run_dir).to_pydict()
-    assert reward == scores
-    utilities = teacher_table(TrainEncoderConfig(teacher="utilities"), run_dir).sort_by("pid").to_pydict()
-    assert utilities == {"qid": ["q1", "q1"], "pid": ["a", "b"], "teacher_score": [2.25, -0.5]}
+    assert teacher_source(TrainEncoderConfig(), run_dir) == (TEACHER_SCORES, "teacher_score")
+    table, column = teacher_source(TrainEncoderConfig(teacher="utilities"), run_dir)
+    assert run_dir.read_table(table, columns=["pid", column]).sort_by("pid").to_pydict() == {
+        "pid": ["a", "b"], "utility": [2.25, -0.5]}

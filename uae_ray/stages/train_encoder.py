@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
-
-import pyarrow as pa
+from typing import Any
 
 from uae_ray.config import TrainEncoderConfig
-from uae_ray.data.schema import CANDIDATES, CORPUS, QUERIES, TEACHER_SCORES, UTILITIES
+from uae_ray.data.schema import TEACHER_SCORES, UTILITIES
 from uae_ray.eval.calibrate import calibrate_encoder
 from uae_ray.losses import EncoderLoss
 from uae_ray.runtime import RunDir, ensure_ray
-from uae_ray.training.data import build_encoder_examples
+from uae_ray.training.dataset import TRAIN_DATA, build_encoder_data, train_datasets
 from uae_ray.training.loop import encoder_train_loop, loop_config, make_trainer
 from uae_ray.training.report import loss_curve_png
 
@@ -31,40 +29,46 @@ def report_name(output: str) -> str:
     return f"{output}_report.json"
 
 
-def teacher_table(cfg: TrainEncoderConfig, run_dir: RunDir) -> pa.Table:
-    """(qid, pid, teacher_score) of ``cfg.teacher``: the reward model's scores or the raw utility labels."""
+def teacher_source(cfg: TrainEncoderConfig, run_dir: RunDir) -> tuple[str, str]:
+    """(run-dir table, score column) of ``cfg.teacher``: the reward model's scores or the raw utility labels."""
     if cfg.teacher == "reward_model":
         if not run_dir.exists(TEACHER_SCORES):
             raise FileNotFoundError(f"{run_dir.path(TEACHER_SCORES)} not found: loss={cfg.loss} with "
                                     "teacher=reward_model needs the reward model's scores (run score-reward first)")
-        return run_dir.read_table(TEACHER_SCORES, columns=["qid", "pid", "teacher_score"])
+        return TEACHER_SCORES, "teacher_score"
     if not run_dir.exists(UTILITIES):
         raise FileNotFoundError(f"{run_dir.path(UTILITIES)} not found: loss={cfg.loss} with teacher=utilities needs "
                                 "the utility labels (run label first)")
-    return run_dir.read_table(UTILITIES, columns=["qid", "pid", "utility"]).rename_columns(
-        ["qid", "pid", "teacher_score"])
+    return UTILITIES, "utility"
+
+
+def trainer_inputs(cfg: TrainEncoderConfig, run_dir: RunDir) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    """Build the examples with Ray Data into the run directory; return the trainer's (train_loop_config, datasets)
+    and the example counts. The loop config carries no example: the workers read them from the datasets."""
+    # the gold-only ablation is the plain supervised baseline: no teacher anywhere (negatives by base similarity)
+    needs_teacher = EncoderLoss(cfg.loss) is not EncoderLoss.INFONCE
+    teacher = teacher_source(cfg, run_dir) if needs_teacher else None
+    ensure_ray()
+    data = build_encoder_data(run_dir, f"{TRAIN_DATA}/{cfg.output}", teacher=teacher,
+                              n_hard_negatives=cfg.n_hard_negatives, useful_quantile=cfg.useful_quantile,
+                              splits=tuple(cfg.splits))
+    counts = {**data.counts, "examples": data.n_examples}
+    if not data.n_examples:
+        raise ValueError(f"{run_dir.uri}: no training query of splits {cfg.splits} has a gold passage and a pool "
+                         f"(counts: {counts})")
+    return loop_config(cfg, data, run_dir, cfg.output), train_datasets(run_dir, data.name), counts
 
 
 def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
     out = cfg.output
-    queries, corpus = run_dir.read_table(QUERIES), run_dir.read_table(CORPUS)
-    candidates = run_dir.read_table(CANDIDATES)
-    # the gold-only ablation is the plain supervised baseline: no teacher anywhere (negatives by base similarity)
+    t_data = time.perf_counter()
+    config, datasets, counts = trainer_inputs(cfg, run_dir)
+    log.info("train-encoder (%s): %d queries (built in %.1f s); %s", cfg.loss, counts["examples"],
+             time.perf_counter() - t_data, counts)
     needs_teacher = EncoderLoss(cfg.loss) is not EncoderLoss.INFONCE
-    teacher = teacher_table(cfg, run_dir) if needs_teacher else None
-    examples, counts = build_encoder_examples(
-        queries, corpus, candidates, teacher, n_hard_negatives=cfg.n_hard_negatives,
-        useful_quantile=cfg.useful_quantile, splits=tuple(cfg.splits),
-    )
-    if not examples:
-        raise ValueError(f"{run_dir.uri}: no training query of splits {cfg.splits} has a gold passage and a pool "
-                         f"(counts: {counts})")
-    log.info("train-encoder (%s): %d queries; %s", cfg.loss, len(examples), counts)
 
     t0 = time.perf_counter()
-    ensure_ray()
-    config = loop_config(cfg, [asdict(e) for e in examples], run_dir, out)
-    make_trainer(encoder_train_loop, config, cfg.scaling, run_dir, f"train_encoder-{out}").fit()
+    make_trainer(encoder_train_loop, config, cfg.scaling, run_dir, f"train_encoder-{out}", datasets).fit()
     train_s = time.perf_counter() - t0
     state = json.loads((run_dir.fetch_dir(out) / "training.json").read_text())["state"]
     history = state["history"]
@@ -75,7 +79,7 @@ def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
         "loss": cfg.loss,
         "output": out,
         "examples": counts,
-        "teacher": cfg.teacher if teacher is not None else None,  # None: the gold-only ablation
+        "teacher": cfg.teacher if needs_teacher else None,  # None: the gold-only ablation
         "steps": state["global_step"],
         "resumed_from_step": state["resumed_from"],
         "first_loss": history[0]["loss"] if history else None,

@@ -1,7 +1,8 @@
 """Training data: reward groups from utilities, student groups with utility-aware hard negatives, batching.
 
-Everything here is plain Python / NumPy on Arrow tables: the driver builds the examples (and counts every skip by
-reason), the Ray Train workers only batch and collate them.
+Everything here is plain Python / NumPy on Arrow tables. The builders run on one query's rows at a time inside Ray
+Data (:mod:`uae_ray.training.dataset`), which also counts every skip by reason; the Ray Train workers batch and
+collate.
 """
 
 from __future__ import annotations
@@ -262,11 +263,16 @@ def steps_per_epoch(n_examples: int, world: int, per_worker: int) -> int:
     return n_examples // (world * per_worker)
 
 
+def epoch_permutation(n_examples: int, epoch: int, seed: int) -> np.ndarray:
+    """The order of an epoch's examples (indices into the examples sorted by query id): seeded, epoch-dependent."""
+    return np.random.default_rng([seed, epoch]).permutation(n_examples)
+
+
 def worker_batch(
     n_examples: int, *, epoch: int, step: int, rank: int, world: int, per_worker: int, seed: int
 ) -> list[int]:
     """Example indices of ``rank``'s batch at ``step`` of ``epoch``: a deterministic per-epoch permutation, so a
     resumed run sees exactly the batches it would have seen."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n_examples)
+    perm = epoch_permutation(n_examples, epoch, seed)
     start = (step * world + rank) * per_worker
     return [int(i) for i in perm[start : start + per_worker]]

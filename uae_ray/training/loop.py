@@ -2,12 +2,13 @@
 
 Each ``*_train_loop(config)`` runs on every worker and reads top to bottom: build model + optimizer, resume from
 ``ray.train.get_checkpoint()`` (same ``storage_path`` + ``name`` as the interrupted run), wrap in DDP, step through
-deterministic per-epoch batches (every step reports its metrics; a checkpoint at every epoch end and every
-``checkpoint_every`` steps), then rank 0 writes the final model into the run directory atomically.
+deterministic per-epoch batches read from Ray Data (every step reports its metrics; a checkpoint at every epoch end
+and every ``checkpoint_every`` steps), then rank 0 writes the final model into the run directory atomically.
 
-``config`` (built by the stages with :func:`loop_config`): ``cfg`` (the stage config as a dict), ``examples`` (list
-of dicts), ``run_dir`` (URI), ``output`` (model directory name), ``checkpoint_every`` (0 = epoch ends only),
-``fingerprint`` (of config and examples: only a checkpoint with the same one is resumed).
+The examples come from the trainer's datasets (``ray.train.get_dataset_shard``, see :mod:`uae_ray.training.dataset`
+for the order and the resume); ``config`` (built by the stages with :func:`loop_config`) is small and holds no data:
+``cfg`` (the stage config as a dict), ``run_dir`` (URI), ``output`` (model directory name), ``checkpoint_every``
+(0 = epoch ends only), ``fingerprint`` (of config and examples: only a checkpoint with the same one is resumed).
 """
 
 from __future__ import annotations
@@ -37,16 +38,10 @@ from uae_ray.losses import (
 )
 from uae_ray.runtime import RunDir
 from uae_ray.training.checkpoint import TrainState, resume_state, save_checkpoint, training_fingerprint, unwrap
-from uae_ray.training.data import (
-    EncoderExample,
-    RewardGroup,
-    collate_encoder,
-    collate_reward,
-    steps_per_epoch,
-    worker_batch,
-)
+from uae_ray.training.data import EncoderExample, RewardGroup, collate_encoder, collate_reward, steps_per_epoch
+from uae_ray.training.dataset import TRAIN, TRAIN_QIDS, TrainData, rank_batches, rank_plan, sorted_qids
 
-StepFn = Callable[[list[int], np.random.Generator], torch.Tensor]
+StepFn = Callable[[list[Any], np.random.Generator], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------- shared steps
@@ -60,12 +55,13 @@ def _worker_setup(scaling: TrainScaling) -> tuple[int, int, torch.device]:
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
-def loop_config(cfg: TrainEncoderConfig | TrainRewardConfig, examples: list[dict[str, Any]], run_dir: RunDir,
+def loop_config(cfg: TrainEncoderConfig | TrainRewardConfig, data: TrainData, run_dir: RunDir,
                 output: str) -> dict[str, Any]:
-    """The ``train_loop_config`` of a stage's run, with the fingerprint its checkpoints are recorded under."""
+    """The ``train_loop_config`` of a stage's run (no examples: those come from Ray Data), with the fingerprint its
+    checkpoints are recorded under (config + the built examples' content hashes)."""
     dumped = cfg.model_dump()
-    return {"cfg": dumped, "examples": examples, "run_dir": run_dir.uri, "output": output,
-            "checkpoint_every": cfg.checkpoint_every_steps, "fingerprint": training_fingerprint(dumped, examples)}
+    return {"cfg": dumped, "run_dir": run_dir.uri, "output": output, "checkpoint_every": cfg.checkpoint_every_steps,
+            "fingerprint": training_fingerprint(dumped, data.row_hashes)}
 
 
 def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str) -> TrainState:
@@ -97,27 +93,33 @@ def _report(
 
 
 def _run_epochs(
-    *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, step_fn: StepFn, n_examples: int,
+    *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, step_fn: StepFn, kind: type,
     epochs: int, per_worker: int, seed: int, rank: int, world: int, checkpoint_every: int, desc: str,
 ) -> TrainState:
-    """The step loop shared by both models; returns the final state."""
+    """The step loop shared by both models (examples of type ``kind`` from the ``train`` dataset); returns the final
+    state."""
+    import ray.train
     from tqdm.auto import tqdm
 
-    n_steps = steps_per_epoch(n_examples, world, per_worker)
+    shard = ray.train.get_dataset_shard(TRAIN)
+    qids = sorted_qids(ray.train.get_dataset_shard(TRAIN_QIDS).iter_batches(batch_format="pyarrow"))
+    n_steps = steps_per_epoch(len(qids), world, per_worker)
     if n_steps == 0:
         raise ValueError(
-            f"{desc}: {n_examples} training examples cannot fill one step of {world} workers x {per_worker} queries"
+            f"{desc}: {len(qids)} training examples cannot fill one step of {world} workers x {per_worker} queries"
         )
     params = [p for p in model.parameters() if p.requires_grad]
     t0 = time.perf_counter()
     bar = tqdm(total=n_steps * epochs, initial=state.global_step, desc=desc, disable=rank != 0, mininterval=5)
     for epoch in range(state.epoch, epochs):
         state.epoch = epoch
-        for step in range(state.step_in_epoch, n_steps):
-            idx = worker_batch(n_examples, epoch=epoch, step=step, rank=rank, world=world, per_worker=per_worker,
-                               seed=seed)
+        first = state.step_in_epoch  # > 0 only in the epoch a run resumed in: its done steps are skipped
+        plan = rank_plan(qids, epoch=epoch, first_step=first, n_steps=n_steps, rank=rank, world=world,
+                         per_worker=per_worker, seed=seed)
+        batches = rank_batches(shard.iter_batches(batch_format="pyarrow"), plan, kind)
+        for step, batch in enumerate(batches, start=first):
             model.train()
-            loss = step_fn(idx, np.random.default_rng([seed, epoch, step, rank]))
+            loss = step_fn(batch, np.random.default_rng([seed, epoch, step, rank]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -147,7 +149,6 @@ def reward_train_loop(config: dict[str, Any]) -> None:
     from uae_ray.models.reward import build_reward_model, save_reward_model, tokenize_pairs
 
     cfg = TrainRewardConfig.model_validate(config["cfg"])
-    groups = [RewardGroup(**g) for g in config["examples"]]
     rank, world, device = _worker_setup(cfg.scaling)
     torch.manual_seed(cfg.seed)  # the fresh head starts identical on every worker
 
@@ -156,8 +157,8 @@ def reward_train_loop(config: dict[str, Any]) -> None:
     state = _resume(model, optimizer, config["fingerprint"])
     model = ray.train.torch.prepare_model(model)
 
-    def step(idx: list[int], rng: np.random.Generator) -> torch.Tensor:
-        qs, ps, utils, mask = collate_reward([groups[i] for i in idx], cfg.group_size, rng)
+    def step(batch: list[RewardGroup], rng: np.random.Generator) -> torch.Tensor:
+        qs, ps, utils, mask = collate_reward(batch, cfg.group_size, rng)
         feats = {k: v.to(device) for k, v in tokenize_pairs(tok, qs, ps, cfg.max_length).items()}
         flat = model(**feats).logits.reshape(-1).float()
         mask_t = torch.from_numpy(mask).to(device)
@@ -166,7 +167,7 @@ def reward_train_loop(config: dict[str, Any]) -> None:
         return reward_listwise_loss(scores, u, mask_t, tau=cfg.tau, huber_weight=cfg.huber_weight)
 
     state = _run_epochs(
-        model=model, optimizer=optimizer, state=state, step_fn=step, n_examples=len(groups), epochs=cfg.epochs,
+        model=model, optimizer=optimizer, state=state, step_fn=step, kind=RewardGroup, epochs=cfg.epochs,
         per_worker=cfg.queries_per_step, seed=cfg.seed, rank=rank, world=world,
         checkpoint_every=int(config.get("checkpoint_every", 0)), desc="train-reward",
     )
@@ -223,7 +224,6 @@ def encoder_train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = TrainEncoderConfig.model_validate(config["cfg"])
-    examples = [EncoderExample(**e) for e in config["examples"]]
     rank, world, device = _worker_setup(cfg.scaling)
     torch.manual_seed(cfg.seed)
     loss_kind = EncoderLoss(cfg.loss)
@@ -239,8 +239,8 @@ def encoder_train_loop(config: dict[str, Any]) -> None:
     # BERT's pooler is computed but unused by mean pooling: DDP must tolerate parameters without gradients
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
-    def step(idx: list[int], rng: np.random.Generator) -> torch.Tensor:
-        qs, ps, teacher, gold, valid = collate_encoder([examples[i] for i in idx], group_size)
+    def step(batch: list[EncoderExample], rng: np.random.Generator) -> torch.Tensor:
+        qs, ps, teacher, gold, valid = collate_encoder(batch, group_size)
         qf = tok(qs, padding=True, truncation=True, max_length=cfg.max_query_length, return_tensors="pt")
         pf = tok(ps, padding=True, truncation=True, max_length=cfg.max_passage_length, return_tensors="pt")
         feats = {k: v.to(device) for k, v in _pad_cat(dict(qf), dict(pf), tok.pad_token_id).items()}
@@ -259,7 +259,7 @@ def encoder_train_loop(config: dict[str, Any]) -> None:
         return loss_fn(batch, params)
 
     state = _run_epochs(
-        model=model, optimizer=optimizer, state=state, step_fn=step, n_examples=len(examples), epochs=cfg.epochs,
+        model=model, optimizer=optimizer, state=state, step_fn=step, kind=EncoderExample, epochs=cfg.epochs,
         per_worker=cfg.queries_per_step, seed=cfg.seed, rank=rank, world=world,
         checkpoint_every=int(config.get("checkpoint_every", 0)), desc=f"train-encoder ({cfg.loss})",
     )
@@ -282,15 +282,18 @@ def checkpoint_storage(run_dir: RunDir) -> tuple[str, Any]:
 
 def make_trainer(
     loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], scaling: TrainScaling, run_dir: RunDir,
-    name: str,
+    name: str, datasets: dict[str, Any],
 ) -> Any:
     """A ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU) checkpointing to ``<run_dir>/checkpoints/<name>``.
+
+    ``datasets`` (:func:`uae_ray.training.dataset.train_datasets`) reach every worker whole (``datasets_to_split=[]``):
+    each rank picks its own queries by the seeded plan, see :mod:`uae_ray.training.dataset`.
 
     Rerunning with the same run directory and name resumes from the latest checkpoint there; within one run, a
     failed worker group (a worker or its node died) is restarted up to ``scaling.max_failures`` times, each time
     from the latest checkpoint.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage_path, storage_fs = checkpoint_storage(run_dir)
@@ -300,6 +303,8 @@ def make_trainer(
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
             placement_strategy=scaling.placement_strategy,
