@@ -13,6 +13,20 @@ _STYLE = {"uae": ("tab:red", "o"), "base": ("tab:blue", "s"), "infonce": ("tab:p
           "rankgpt": ("tab:brown", "X")}
 
 
+def _decorate(ax: Any, which: str = "major") -> None:
+    ax.grid(alpha=0.3, which=which)
+    ax.legend(fontsize=8)
+
+
+def _save(fig: Any, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def recall_curves(settings: Mapping[str, Any], ks: Sequence[int], out: Path) -> Path:
     """One panel per setting: Recall@k (%) against k for every system."""
     import matplotlib
@@ -35,12 +49,8 @@ def recall_curves(settings: Mapping[str, Any], ks: Sequence[int], out: Path) -> 
         ax.set_xlabel("k")
         ax.set_ylabel("Recall@k (%)")
         ax.set_title(f"{setting} setting")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+        _decorate(ax)
+    return _save(fig, out)
 
 
 def quality_vs_latency(settings: Mapping[str, Any], metric: str, out: Path) -> Path:
@@ -69,12 +79,8 @@ def quality_vs_latency(settings: Mapping[str, Any], metric: str, out: Path) -> P
         ax.set_ylabel(metric + ("" if metric.startswith("exputil") else " (%)"))
         n = sub.get("n_queries")
         ax.set_title(f"{setting} setting" + (f" ({n} shared queries)" if n else ""))
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+        _decorate(ax, which="both")
+    return _save(fig, out)
 
 
 def calibration_deciles(section: Mapping[str, Any], out: Path) -> Path:
@@ -104,9 +110,5 @@ def calibration_deciles(section: Mapping[str, Any], out: Path) -> Path:
     ax.set_ylabel("measured utility (nats)")
     ax.set_title(f"{section.get('system', 'uae')}: {section.get('n_pairs')} labeled pairs, "
                  f"{section.get('n_queries')} queries")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    _decorate(ax)
+    return _save(fig, out)
