@@ -45,7 +45,7 @@ vllm-env: $(VLLM_VENV)/.installed
 
 test: venv vllm-env
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" tests
