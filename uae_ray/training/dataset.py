@@ -199,44 +199,44 @@ def _read(run_dir: RunDir, name: str, columns: list[str]) -> Any:
     return ray.data.read_parquet(run_dir.path(name), filesystem=run_dir.fs, columns=columns)
 
 
-def _partitions(run_dir: RunDir, names: list[str]) -> int:
-    """Hash-shuffle partitions (aggregator actors): one per :data:`PARTITION_BYTES` of input, at most one per CPU of
-    the cluster (Ray's default of 200 is for big clusters: on a small one, starting them dominates)."""
+def _input_files(run_dir: RunDir, names: list[str]) -> list[Any]:
+    """The files (pyarrow ``FileInfo``) of the run-dir tables ``names``, each a file or a directory, sorted by path
+    within each table: what a build reads, sized by :func:`_partitions` and stamped by :func:`build_stamp`."""
     import pyarrow.fs as pafs
-    import ray
 
-    size = 0
+    files = []
     for name in names:
         info = run_dir.fs.get_file_info(run_dir.path(name))
-        if info.type == pafs.FileType.Directory:
-            size += sum(i.size or 0 for i in run_dir.fs.get_file_info(pafs.FileSelector(info.path, recursive=True)))
-        else:
-            size += info.size or 0
+        infos = (run_dir.fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
+                 if info.type == pafs.FileType.Directory else [info])
+        files += sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+    return files
+
+
+def _partitions(files: list[Any]) -> int:
+    """Hash-shuffle partitions (aggregator actors): one per :data:`PARTITION_BYTES` of input, at most one per CPU of
+    the cluster (Ray's default of 200 is for big clusters: on a small one, starting them dominates)."""
+    import ray
+
+    size = sum(i.size or 0 for i in files)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(1, min(cpus, -(-size // PARTITION_BYTES)))
 
 
-def build_stamp(run_dir: RunDir, inputs: list[str], params: dict[str, Any]) -> str:
+def build_stamp(files: list[Any], params: dict[str, Any]) -> str:
     """What a built table depends on: every input file's path, size and modification time, the build parameters and
     :data:`BUILD_VERSION` (a rerun on unchanged inputs reuses the table: the resume of a killed run starts at once)."""
-    import pyarrow.fs as pafs
-
-    files = []
-    for name in inputs:
-        info = run_dir.fs.get_file_info(run_dir.path(name))
-        infos = (run_dir.fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
-                 if info.type == pafs.FileType.Directory else [info])
-        files += sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
-    record = {"version": BUILD_VERSION, "params": params, "files": files}
+    record = {"version": BUILD_VERSION, "params": params, "files": [(i.path, i.size, i.mtime_ns) for i in files]}
     return hashlib.sha1(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _write_and_summarise(run_dir: RunDir, name: str, inputs: list[str], params: dict[str, Any], by_pid: Any,
                          others: list[Any], group_fn: Callable[[pa.Table], pa.Table], schema: pa.Schema) -> TrainData:
-    stamp = build_stamp(run_dir, inputs, params)
+    files = _input_files(run_dir, inputs)
+    stamp = build_stamp(files, params)
     record = f"{name}/{BUILD_RECORD}"
     if not (run_dir.exists(record) and run_dir.read_json(record).get("stamp") == stamp):
-        parts = _partitions(run_dir, inputs)
+        parts = _partitions(files)
         texts = by_pid.groupby("pid", num_partitions=parts).map_groups(_attach_text, batch_format="pyarrow")
         rows = texts.union(*others).groupby("qid", num_partitions=parts).map_groups(group_fn, batch_format="pyarrow")
         run_dir.remove(name)  # an older or partial table (this stage holds the run dir's lease)
