@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from uae_ray.calibration import (
     choose_k,
     fit_calibration,
     load_calibration,
+    save_calibration,
 )
 from uae_ray.data.schema import CORPUS, QUERIES, UTILITIES
 from uae_ray.runtime import SUCCESS_MARKER, RunDir
@@ -152,7 +153,7 @@ def calibrate_encoder(run_dir: RunDir, name: str, trained_splits: Sequence[str])
         return {"skipped": cal}
     with run_dir.staged_dir(name) as out:
         shutil.copytree(model_dir, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(SUCCESS_MARKER))
-        (out / CALIBRATION_FILE).write_text(json.dumps(asdict(cal), indent=1) + "\n")
+        save_calibration(cal, out / CALIBRATION_FILE)
     log.info("train-encoder: utility calibration of %s fitted on %s -> %s", name, cal.source,
              run_dir.path(f"{name}/{CALIBRATION_FILE}"))
     return {"file": f"{name}/{CALIBRATION_FILE}", "n_pairs": cal.n_pairs, "source": cal.source,
