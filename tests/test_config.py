@@ -109,3 +109,26 @@ def test_cli_evaluate_takes_the_label_section(tmp_path):
     assert cfg.label.prompt == "qasper" and cfg.label.answer_aggregate == "first" and cfg.rerank_top_k == 5
     path.write_text("label: {prompt: qasper}\nevaluate: {label: {prompt: extractive}}\n")
     assert stage_config("evaluate", str(path), []).label.prompt == "extractive"  # its own label wins
+
+
+def test_evaluate_students_compare_to_and_output_validation():
+    from uae_ray.config import EvaluateConfig
+
+    cfg = load_stage_config(EvaluateConfig, "evaluate", None, [
+        "students={kl: 'run:encoder_kl', other-run_2: runs/qasper/encoder}", "compare_to=[base, kl]",
+        "output=eval_fulldev"])
+    assert cfg.students == {"kl": "run:encoder_kl", "other-run_2": "runs/qasper/encoder"}
+    assert cfg.compare_to == ["base", "kl"] and cfg.output == "eval_fulldev"
+    assert EvaluateConfig().output == "eval" and EvaluateConfig().compare_to == ["base", "infonce"]
+    # the default references need not be evaluated (an absent one is skipped in the report)
+    assert EvaluateConfig(systems=["bm25", "base", "uae"]).compare_to == ["base", "infonce"]
+    with pytest.raises(ConfigError, match=r"(?s)\[evaluate\].*students \['uae'\]: the name of a built-in system"):
+        load_stage_config(EvaluateConfig, "evaluate", None, ["students={uae: 'run:encoder_kl'}"])
+    for bad in ("a/b", "", "x y", "../enc"):
+        with pytest.raises(pydantic.ValidationError, match="names are letters, digits"):
+            EvaluateConfig(students={bad: "run:encoder_kl"})
+    with pytest.raises(ConfigError, match=r"compare_to \['kl'\]: neither a system"):
+        load_stage_config(EvaluateConfig, "evaluate", None, ["compare_to=[base, kl]"])
+    for bad in ("eval/x", "../eval_x", "/tmp/eval_x", "corpus.parquet", "pipeline", "index"):
+        with pytest.raises(pydantic.ValidationError, match="output"):
+            EvaluateConfig(output=bad)

@@ -321,3 +321,145 @@ def test_compare_systems_pairs_queries_and_skips_absent_references():
                                 metrics=["recall@1"])
     assert rows[0] == {"encoder": "base", "Δrecall@1 vs base": "-"}
     assert rows[1]["Δrecall@1 vs base"].startswith("+66.7 [") and "p=" in rows[1]["Δrecall@1 vs base"]
+
+
+# ------------------------------------------------------------------------ extra students, references, second output
+def test_report_orders_extra_students_after_the_dense_students():
+    from uae_ray.eval import plots
+    from uae_ray.eval.report import SYSTEM_ORDER, markdown_table, ordered_systems
+    from uae_ray.eval.stats import comparisons_markdown
+
+    names = ["rankgpt", "kl", "bm25", "uae", "base", "other", "reward_rerank"]
+    assert ordered_systems(names) == ["bm25", "base", "uae", "kl", "other", "reward_rerank", "rankgpt"]
+    assert ordered_systems(["kl", "base"]) == ["base", "kl"]  # no uae: still after the dense students
+    assert ordered_systems(SYSTEM_ORDER) == list(SYSTEM_ORDER)
+    block = {"systems": {n: {"n_queries": 2, "recall@1": 0.5, "mrr": 0.5, "map": 0.5, "ndcg@10": 0.5,
+                             "latency": {"mean_ms": 1.0}} for n in names}}
+    rows = [line.split("|")[1].strip() for line in markdown_table(block, [1], [], []).splitlines()[2:]]
+    assert rows == ordered_systems(names)
+    res = {"n": 2, "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0}
+    comps = {"base": {n: {"recall@1": res} for n in ("rankgpt", "other", "uae")}}
+    md = comparisons_markdown(comps, ordered_systems(n for b in comps.values() for n in b))
+    assert [line.split("|")[1].strip() for line in md.splitlines()[2:]] == ["uae", "other", "rankgpt"]
+    # plots: the built-in systems keep their style, every extra student gets its own colour and marker
+    styles = plots._styles({"pool": block, "open": {"systems": {"third": {}}}})
+    assert styles["uae"] == plots._STYLE["uae"] and set(styles) == {*names, "third"}
+    extra = [styles[n] for n in ("kl", "other", "third")]
+    builtin_colours = {c for c, _ in plots._STYLE.values()}
+    assert len({c for c, _ in extra}) == 3 and not {c for c, _ in extra} & builtin_colours
+    assert len({m for _, m in extra}) == 3
+
+
+def test_compare_systems_with_configured_references():
+    from uae_ray.eval.stats import compare_systems
+
+    per_q = {n: {"q1": {"recall@1": v[0]}, "q2": {"recall@1": v[1]}}
+             for n, v in {"base": (0.0, 0.0), "uae": (1.0, 0.0), "kl": (1.0, 1.0)}.items()}
+    comps = compare_systems(per_q, metrics=["recall@1"], references=["kl", "uae", "infonce"], n_resamples=100)
+    assert list(comps) == ["kl", "uae"]  # infonce not evaluated: skipped
+    assert set(comps["kl"]) == {"base", "uae"} and set(comps["uae"]) == {"base", "kl"}
+    # reference -> system: the system minus the reference
+    assert comps["kl"]["base"]["recall@1"]["diff"] == -1.0 and comps["uae"]["kl"]["recall@1"]["diff"] == 0.5
+
+
+def test_missing_student_model_is_an_error_naming_it(tmp_path: Path):
+    from uae_ray.eval.runner import check_students
+    from uae_ray.models.registry import ModelNotFoundError, resolve
+
+    rd = RunDir(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"evaluate\.students\.kl: .*encoder_kl is missing or incomplete"):
+        check_students(EvaluateConfig(students={"kl": "run:encoder_kl"}), rd)
+    (tmp_path / "run" / "encoder_kl").mkdir()  # a directory without its commit marker is not a model yet
+    with pytest.raises(FileNotFoundError, match=r"students\.kl"):
+        check_students(EvaluateConfig(students={"kl": "run:encoder_kl"}), rd)
+    gone = str(tmp_path / "other" / "run" / "encoder")
+    with pytest.raises(ModelNotFoundError, match=r"evaluate\.students\.other: .*other/run/encoder"):
+        check_students(EvaluateConfig(students={"other": gone}), rd)
+    with rd.staged_dir("encoder_kl") as d:
+        (d / "config.json").write_text("{}")
+    found = check_students(EvaluateConfig(students={"kl": "run:encoder_kl", "mini": "all-minilm-l6-v2"}), rd)
+    assert found == {"kl": str(rd.local_path("encoder_kl")), "mini": resolve("all-minilm-l6-v2").path}
+
+
+def test_second_evaluation_reuses_eval_caches_read_only(tmp_path: Path):
+    """An evaluation writing eval_x reads the on-demand labels and the answers cached in eval/ (answers only when made
+    under the same generator, prompt and decoding), and writes nothing into eval/."""
+    from uae_ray.eval.runner import answer_key
+    from uae_ray.labeling.prompts import prompt_version_for
+    from uae_ray.stages import evaluate
+
+    rd, _, queries, _ = _tiny_run_dir(tmp_path / "run")
+    label = LabelConfig()
+    main, second = EvaluateConfig(label=label), EvaluateConfig(label=label, output="eval_x")
+    pv = prompt_version_for(label)
+    q0 = queries[0]
+    labeled = [{"qid": q0["qid"], "pid": q0["gold_pids"][0], "logp_with": 0.0, "logp_without": -1.0,
+                "n_answer_tokens": 2, "utility": 1.0, "generator": label.generator, "prompt_version": pv}]
+    rd.write_table(f"{S.EVAL}/{evaluate.ON_DEMAND}", pa.Table.from_pylist(labeled, schema=S.UTILITIES_SCHEMA))
+    for cfg in (main, second):
+        table, _ = evaluate._labels(cfg, label, rd)
+        assert table.to_pylist() == [{"qid": q0["qid"], "pid": q0["gold_pids"][0], "utility": 1.0}]
+    # answers of every (query, top-1) in eval/, under this evaluation's settings: nothing to generate
+    qids = [q["qid"] for q in queries]
+    rankings = {("pool", "base"): pa.table({"qid": qids, "pids": [q["gold_pids"] for q in queries]})}
+    cached = {answer_key(q["qid"], q["gold_pids"][:1]): f"answer {i}" for i, q in enumerate(queries)}
+    rd.write_table(f"{S.EVAL}/{evaluate.ANSWERS}", pa.table({"key": list(cached), "answer": list(cached.values())}))
+    rd.write_json(f"{S.EVAL}/{evaluate.ANSWERS_META}", evaluate._answer_settings(second, label))
+    before = {p: p.stat().st_mtime_ns for p in rd.local_path(S.EVAL).rglob("*")}
+    got = evaluate._answers(second, label, rd, Corpus([], [], []), rankings, [q["question"] for q in queries],
+                            {q: i for i, q in enumerate(qids)}, qids, extra=[])
+    assert got == cached and not rd.exists("eval_x")
+    assert {p: p.stat().st_mtime_ns for p in rd.local_path(S.EVAL).rglob("*")} == before
+    # answers made under other settings are not reused; eval/ written before answers.json: its report's config says
+    meta = f"{S.EVAL}/{evaluate.ANSWERS}"
+    assert evaluate._answers_settings_of(rd, meta) == evaluate._answer_settings(second, label)
+    rd.write_json(f"{S.EVAL}/{evaluate.ANSWERS_META}", evaluate._answer_settings(
+        second.model_copy(update={"max_new_tokens": 7}), label))
+    assert evaluate._answers_settings_of(rd, meta) != evaluate._answer_settings(second, label)
+    rd.remove(f"{S.EVAL}/{evaluate.ANSWERS_META}")
+    assert evaluate._answers_settings_of(rd, meta) is None
+    rd.write_json(f"{S.EVAL}/report.json", {"config": main.model_dump(mode="json")})
+    assert evaluate._answers_settings_of(rd, meta) == evaluate._answer_settings(second, label)
+    rd.write_json(f"{S.EVAL}/report.json", {"config": {**main.model_dump(mode="json"), "llm_dtype": "float16"}})
+    assert evaluate._answers_settings_of(rd, meta) != evaluate._answer_settings(second, label)
+    rd.write_json(f"{S.EVAL}/report.json", {"config": {"no_such_setting": 1}})
+    assert evaluate._answers_settings_of(rd, meta) is None
+
+
+def test_evaluate_extra_student_into_its_own_output(tmp_path: Path):
+    """An extra student (a committed copy of the base MiniLM in the run dir) evaluated beside bm25 and base, both
+    settings, compared with compare_to, written to eval_x (eval/ untouched); a missing student fails first."""
+    from uae_ray.models.registry import resolve
+    from uae_ray.stages import evaluate
+
+    rd, _, queries, utils = _tiny_run_dir(tmp_path / "run")
+    label = LabelConfig()
+    _write_utilities(rd, utils, label)
+    with pytest.raises(FileNotFoundError, match=r"students\.copy"):
+        evaluate.run(EvaluateConfig(label=label, students={"copy": "run:encoder_copy"}), rd)
+    with rd.staged_dir("encoder_copy") as d:
+        shutil.copytree(resolve("all-minilm-l6-v2").path, d, dirs_exist_ok=True)
+    cfg = EvaluateConfig(split="dev", label=label, systems=["bm25", "base"], students={"copy": "run:encoder_copy"},
+                         compare_to=["base", "copy"], ks=[1, 2], exp_util_ks=[1], generate=False,
+                         open_scope="document", output="eval_x")
+    summary = evaluate.run(cfg, rd)
+    assert summary["report"].endswith("eval_x/report.json") and not rd.exists(S.EVAL)
+    report = json.loads((rd.local_path("eval_x") / "report.json").read_text())
+    assert report["comparison_method"]["references"] == ["base", "copy"]
+    assert report["models"]["copy"].startswith(str(rd.local_path("encoder_copy")))
+    for setting in ("pool", "open"):
+        block = report["settings"][setting]
+        assert list(block["systems"]) == ["bm25", "base", "copy"]
+        assert block["systems"]["copy"]["n_queries"] == len(queries)
+        assert block["systems"]["copy"]["latency"]["n"] == len(queries)
+        assert block["systems"]["copy"]["exputil@1"] is not None
+        assert set(block["comparisons"]) == {"base", "copy"}
+        assert set(block["comparisons"]["copy"]) == {"bm25", "base"}
+        # the student is the base encoder's weights: the same rankings, every difference exactly 0
+        res = block["comparisons"]["base"]["copy"]["recall@1"]
+        assert res["diff"] == 0.0 and res["p_value"] == 1.0
+    base = rd.read_table("eval_x/rankings/pool__base.parquet").column("pids").to_pylist()
+    assert rd.read_table("eval_x/rankings/pool__copy.parquet").column("pids").to_pylist() == base
+    md = (rd.local_path("eval_x") / "report.md").read_text()
+    assert "| copy |" in md and md.index("| base |") < md.index("| copy |") and "| bm25 | copy |" in md
+    assert report["plots"] and all((rd.local_path("eval_x") / p).exists() for p in report["plots"])

@@ -1,12 +1,15 @@
 """Content-keyed labels: a rerun labels exactly the pairs whose content or numeric settings changed, on a real Ray
-cluster with the real SmolLM2 generator.
+cluster with the real SmolLM2 generator; the LLM budget (``max_docs_per_split``) and ``reuse_from`` (labels taken
+from another run dir's cache).
 
 One labeled run dir (4 queries x 4 passages; the last query has only empty answers: 4 skips) is made once per module
-and copied by each test.
+and copied by each test. The tests without Ray write a cache by hand (every pair already labeled: the stage starts
+no actor) and check what the stage reads, copies and reports.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -17,9 +20,11 @@ from _label_data import write_label_run
 
 from uae_ray.config import LabelConfig
 from uae_ray.data.schema import (
+    CANDIDATES,
     CORPUS,
     LABEL_BASELINE,
     LABEL_CACHE,
+    LABEL_CACHE_SCHEMA,
     LABEL_SKIPPED,
     QUERIES,
     UTILITIES,
@@ -171,3 +176,176 @@ def test_an_actor_scoring_under_other_settings_than_the_driver_keyed_refuses(ray
     with pytest.raises(ray_session.exceptions.ActorDiedError) as err:  # the actor's constructor raised
         label._map_on_actor_pool(queries, BaselineBatch, CFG, 1, ctx).take_all()
     assert "ScorerSettingsError" in str(err.value) and "Set label.dtype explicitly" in str(err.value)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root``: (size, mtime) by relative path (a run dir that must stay untouched)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_reuse_from_takes_the_pairs_another_run_dir_labeled(labeled_run, tmp_path) -> None:
+    """Run dir B with ``reuse_from: [A]`` labels only what A has not: A's rows are copied into B's own cache (B stays
+    whole once A is gone), bit-identical, and A is never written."""
+    from uae_ray.stages import label
+
+    a = _copy(labeled_run, tmp_path)  # A: q0..q3 x p0..p3 labeled (q3: empty answers, 4 skips)
+    a_before, a_view = _snapshot(tmp_path / "run"), _view(a)
+    # B: q0..q2 as in A; q3 now has an answer (Jupiter) and q4 (Hamlet) has only empty answers: both new to A
+    b, n = write_label_run(tmp_path / "b", n_queries=5)
+    assert n == 20
+    a_dir = str((tmp_path / "run").resolve())
+    r = label.run(CFG.model_copy(update={"reuse_from": [str(tmp_path / "run")]}), b)
+    assert r["reused_from_other_run_dirs"] == {a_dir: 12}
+    assert (r["pairs"], r["reused"], r["new"], r["unaccounted"]) == (20, 12, 8, 0)
+    assert r["this_run"]["labeled"] == 4 and r["this_run"]["skipped"] == {"empty_answer": 4}
+    assert r["this_run"]["baseline"] == {"needed": 2, "reused": 0, "new": 2}  # only q3's and q4's terms
+    assert r["labeled"] == 16 and r["skipped"] == {"empty_answer": 4}
+    cache = label.read_parts(b, LABEL_CACHE, LABEL_CACHE_SCHEMA)
+    assert cache.num_rows == 20 and len(set(cache["fingerprint"].to_pylist())) == 20  # 12 copied + 8 new, once each
+    b_view = _view(b)
+    for key, row in a_view.items():
+        if key[0] != "q3":
+            assert b_view[key] == row, key  # taken as is: same fingerprint, bit-identical numbers
+    assert _snapshot(tmp_path / "run") == a_before  # A: read, never written (no part, no lease, no temp)
+    # B is self-contained: with A gone it relabels nothing
+    shutil.rmtree(tmp_path / "run")
+    r = label.run(CFG, b)
+    assert (r["reused"], r["new"], r["reused_from_other_run_dirs"], r["this_run"]["tokens"]) == (20, 0, {}, 0)
+    assert _view(b) == b_view
+
+
+# ------------------------------------------------------------------------------------------ without Ray (no labeling)
+def _hand_cache(rd: RunDir, cfg: LabelConfig, *, duplicate: bool = False) -> dict[str, dict]:
+    """Write a label cache for every current pair of ``rd`` under ``cfg`` (numbers made up, keys as the stage makes
+    them) in two parts; ``duplicate``: one fingerprint twice, as two concurrent writers would leave it. Returns the
+    rows by fingerprint."""
+    from uae_ray.labeling.core import attach_fingerprints
+    from uae_ray.labeling.fingerprint import settings_key
+    from uae_ray.labeling.prompts import prompt_version_for
+    from uae_ray.stages import label
+
+    queries, pairs, _ = label.select_pairs(rd, cfg)
+    settings = settings_key(cfg, cfg.dtype)
+    pairs = attach_fingerprints(pairs, queries, aggregate=cfg.answer_aggregate, settings=settings)
+    empty = {q for q, a in zip(queries["qid"].to_pylist(), queries["answers"].to_pylist(), strict=True)
+             if not any(x.strip() for x in a)}
+    rows = []
+    for i, (qid, pid, fp) in enumerate(zip(*(pairs[c].to_pylist() for c in ("qid", "pid", "fingerprint")),
+                                           strict=True)):
+        skip = "empty_answer" if qid in empty else ""
+        lw, lo = (float("nan"), float("nan")) if skip else (-1.0 - i / 64, -2.0)
+        rows.append({"fingerprint": fp, "qid": qid, "pid": pid, "logp_with": lw, "logp_without": lo,
+                     "n_answer_tokens": 0 if skip else 2, "utility": lw - lo, "skip_reason": skip,
+                     "generator": cfg.generator, "prompt_version": prompt_version_for(cfg), "settings": settings})
+    table = pa.Table.from_pylist(rows, schema=LABEL_CACHE_SCHEMA)
+    parts = label.PartWriter(rd, LABEL_CACHE, "20240101T000000-0000aaaa")
+    half = table.num_rows // 2
+    parts.write(table.slice(0, half))
+    parts.write(pa.concat_tables([table.slice(half), table.slice(0, 1)]) if duplicate else table.slice(half))
+    return {r["fingerprint"]: r for r in rows}
+
+
+def test_reuse_from_copies_another_run_dirs_labels_into_this_cache(tmp_path) -> None:
+    from uae_ray.stages import label
+
+    a, _ = write_label_run(tmp_path / "a", n_queries=4)
+    made = _hand_cache(a, CFG, duplicate=True)
+    a_before = _snapshot(tmp_path / "a")
+    b, _ = write_label_run(tmp_path / "b", n_queries=4)  # the same questions and passages
+    cfg = CFG.model_copy(update={"reuse_from": [str(tmp_path / "a")]})
+    r = label.run(cfg, b)  # every pair is in A: nothing pending, no actor started
+    a_dir = str((tmp_path / "a").resolve())
+    assert r["reused_from_other_run_dirs"] == {a_dir: N_PAIRS}
+    assert (r["pairs"], r["reused"], r["new"], r["unaccounted"]) == (N_PAIRS, N_PAIRS, 0, 0)
+    assert (r["labeled"], r["skipped"]) == (12, {"empty_answer": 4})
+    assert r["this_run"]["labeled"] == 0 and r["this_run"]["tokens"] == 0
+    assert r["this_run"]["baseline"] == {"needed": 0, "reused": 0, "new": 0}
+    assert r["cache"] == {"rows": N_PAIRS, "orphaned": 0, "orphaned_other_settings": 0}
+    # copied into B's own cache, once per fingerprint (A's duplicate row dropped), in parts of rows_per_part (5)
+    parts = b.listdir(LABEL_CACHE)
+    assert len(parts) == 4 and all(p.startswith(f"part-{r['this_run']['writer']}-") for p in parts)
+    cache = label.read_parts(b, LABEL_CACHE, LABEL_CACHE_SCHEMA)
+    assert sorted(cache["fingerprint"].to_pylist()) == sorted(made)
+    util = b.read_table(UTILITIES).to_pylist()
+    assert len(util) == 12 and all(row["utility"] == pytest.approx(made[row["fingerprint"]]["utility"]) for row in util)
+    assert _snapshot(tmp_path / "a") == a_before  # A: read only
+    # a rerun finds everything in B's own cache: nothing copied again
+    r = label.run(cfg, b)
+    assert (r["reused"], r["new"], r["reused_from_other_run_dirs"]) == (N_PAIRS, 0, {a_dir: 0})
+    assert b.listdir(LABEL_CACHE) == parts
+    # B stands alone: A gone (and dropped from reuse_from), nothing to label
+    shutil.rmtree(tmp_path / "a")
+    r = label.run(CFG, b)
+    assert (r["reused"], r["new"], r["reused_from_other_run_dirs"]) == (N_PAIRS, 0, {})
+    # naming the run dir itself is harmless: its own cache is read anyway
+    r = label.run(CFG.model_copy(update={"reuse_from": [str(tmp_path / "b")]}), b)
+    assert (r["reused"], r["reused_from_other_run_dirs"]) == (N_PAIRS, {})
+
+
+def test_reuse_from_that_is_missing_or_unlabeled_is_an_error_naming_it(tmp_path) -> None:
+    from uae_ray.stages import label
+
+    b, _ = write_label_run(tmp_path / "b", n_queries=2)
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"run dir '{missing}' does not exist")):
+        label.run(CFG.model_copy(update={"reuse_from": [str(missing)]}), b)
+    assert not missing.exists()  # opened read only: nothing created
+    write_label_run(tmp_path / "bare", n_queries=2)  # never labeled
+    with pytest.raises(FileNotFoundError, match=re.escape(f"run dir '{tmp_path / 'bare'}' has no labels in "
+                                                          f"{LABEL_CACHE}/")):
+        label.run(CFG.model_copy(update={"reuse_from": [str(tmp_path / "bare")]}), b)
+    assert not b.exists(LABEL_CACHE) and not b.exists(UTILITIES)  # the error came before any work
+    assert not (tmp_path / "bare" / LABEL_CACHE).exists()
+
+
+def test_budget_labels_only_the_first_documents_and_reports_them(tmp_path) -> None:
+    from uae_ray.stages import label
+
+    a, _ = write_label_run(tmp_path / "a", n_queries=4)
+    _hand_cache(a, CFG)
+    b, _ = write_label_run(tmp_path / "b", n_queries=4)  # q_i asks about document d_i; the corpus is d0..d5
+    queries, pairs, budget = label.select_pairs(b, CFG.model_copy(update={"max_docs_per_split": 2}))
+    assert queries["qid"].to_pylist() == ["q0", "q1"] and pairs.num_rows == 8
+    assert set(pairs["qid"].to_pylist()) == {"q0", "q1"}
+    assert budget == {"max_docs_per_split": 2, "splits": {"train": {
+        "documents": 2, "documents_total": 4, "queries": 2, "queries_total": 4, "pairs": 8, "pairs_total": 16}}}
+    cfg = CFG.model_copy(update={"max_docs_per_split": {"train": 2}, "reuse_from": [str(tmp_path / "a")]})
+    r = label.run(cfg, b)
+    assert r["budget"]["max_docs_per_split"] == {"train": 2} and r["budget"]["splits"]["train"]["pairs"] == 8
+    assert (r["pairs"], r["reused"], r["new"]) == (8, 8, 0)  # out-of-budget pairs: neither labeled nor skipped
+    assert r["reused_from_other_run_dirs"] == {str((tmp_path / "a").resolve()): 8}
+    assert r["skipped"] == {} and b.read_table(LABEL_SKIPPED).num_rows == 0
+    assert label.read_parts(b, LABEL_CACHE, LABEL_CACHE_SCHEMA).num_rows == 8  # only what the budget needs is copied
+    assert {row["qid"] for row in b.read_table(UTILITIES).to_pylist()} == {"q0", "q1"}
+    # no budget: every pair, in the report as all of them
+    r = label.run(CFG.model_copy(update={"reuse_from": [str(tmp_path / "a")]}), b)
+    assert r["budget"] == {"max_docs_per_split": None, "splits": {"train": {
+        "documents": 4, "documents_total": 4, "queries": 4, "queries_total": 4, "pairs": 16, "pairs_total": 16}}}
+    assert (r["pairs"], r["reused"], r["reused_from_other_run_dirs"]) == (16, 16, {str((tmp_path / "a").resolve()): 8})
+
+
+def test_reuse_from_an_object_store_run_dir(s3_endpoint, s3_run_uri, tmp_path, monkeypatch) -> None:
+    """A ``reuse_from`` entry on S3 (a real S3 endpoint): read there, copied here; an entry that names no endpoint
+    takes this run dir's (from its storage options, here with no AWS_ENDPOINT_URL in the environment)."""
+    from uae_ray.runtime import StorageOptions
+    from uae_ray.stages import label
+
+    a_uri = f"{s3_run_uri}-a"
+    a, _ = write_label_run(a_uri, n_queries=4)  # RunDir takes a URI as well as a path
+    made = _hand_cache(a, CFG)
+    a_parts = a.listdir(LABEL_CACHE)
+    b, _ = write_label_run(tmp_path / "b", n_queries=4)
+    r = label.run(CFG.model_copy(update={"reuse_from": [a_uri]}), b)
+    assert (r["reused"], r["new"], r["reused_from_other_run_dirs"]) == (N_PAIRS, 0, {a_uri: N_PAIRS})
+    assert sorted(label.read_parts(b, LABEL_CACHE, LABEL_CACHE_SCHEMA)["fingerprint"].to_pylist()) == sorted(made)
+    assert a.listdir(LABEL_CACHE) == a_parts and not a.exists(UTILITIES)  # A: read only
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    c = RunDir(f"{s3_run_uri}-c", StorageOptions(endpoint_url=s3_endpoint))
+    assert "endpoint_override" in label.other_uri(a_uri, c) and "endpoint_override" not in label.other_uri(a_uri)
+    for name in (CORPUS, QUERIES, CANDIDATES):
+        c.write_table(name, a.read_table(name))
+    r = label.run(CFG.model_copy(update={"reuse_from": [a_uri]}), c)
+    assert (r["reused"], r["new"], r["reused_from_other_run_dirs"]) == (N_PAIRS, 0, {a_uri: N_PAIRS})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        label.run(CFG.model_copy(update={"reuse_from": [f"{s3_run_uri}-nothing"]}), c)

@@ -230,3 +230,55 @@ def test_aggregates_relate_as_documented(scorer32: HFScorer) -> None:
         scorer32.tokenizer("Neil Armstrong", add_special_tokens=False)["input_ids"]
     )
     assert not any(math.isnan(x) for x in got["mean"].column("utility").to_pylist())
+
+
+def _budget_queries(rows: list[tuple[str, str, str]]) -> pa.Table:
+    return pa.table({"qid": [q for q, _, _ in rows], "doc_id": [d for _, d, _ in rows],
+                     "split": [s for _, _, s in rows]})
+
+
+def _kept(queries: pa.Table, corpus_docs: list[str], cfg: LabelConfig) -> list[str]:
+    from uae_ray.stages.label import budget_mask
+
+    return queries.filter(budget_mask(queries, corpus_docs, cfg))["qid"].to_pylist()
+
+
+def test_budget_keeps_the_first_documents_of_each_split_in_prepare_order() -> None:
+    # prepare wrote the corpus in input order: d2, d0, d1 (train), e1, e0 (dev); d3 has no passage: it comes after
+    corpus_docs = ["d2", "d2", "d0", "d1", "e1", "e0", "e0"]
+    queries = _budget_queries([("q0", "d0", "train"), ("q1", "d1", "train"), ("q2", "d0", "train"),
+                               ("q3", "d2", "train"), ("q4", "d3", "train"), ("q5", "e0", "dev"),
+                               ("q6", "e1", "dev")])
+    # one N for every split: documents (not queries) are counted, every query of a kept document stays
+    assert _kept(queries, corpus_docs, LabelConfig(max_docs_per_split=2)) == ["q0", "q2", "q3", "q5", "q6"]
+    assert _kept(queries, corpus_docs, LabelConfig(max_docs_per_split=1)) == ["q3", "q6"]
+    assert _kept(queries, corpus_docs, LabelConfig(max_docs_per_split=3)) == ["q0", "q1", "q2", "q3", "q5", "q6"]
+    # a cap per split; a split the dict leaves out is not capped
+    assert _kept(queries, corpus_docs, LabelConfig(max_docs_per_split={"train": 1})) == ["q3", "q5", "q6"]
+    assert _kept(queries, corpus_docs, LabelConfig(max_docs_per_split={"dev": 1, "test": 1})) == [
+        "q0", "q1", "q2", "q3", "q4", "q6"]
+    # None, or a cap above the documents there are: everything
+    everything = queries["qid"].to_pylist()
+    assert _kept(queries, corpus_docs, LabelConfig()) == everything
+    assert _kept(queries, corpus_docs, LabelConfig(max_docs_per_split=100)) == everything
+    # the order is the corpus's, not the queries' row order: shuffled rows keep the same documents
+    shuffled = queries.take(pa.array([6, 4, 1, 0, 5, 3, 2]))
+    assert sorted(_kept(shuffled, corpus_docs, LabelConfig(max_docs_per_split=2))) == ["q0", "q2", "q3", "q5", "q6"]
+
+
+def test_budget_documents_without_passages_follow_in_query_order() -> None:
+    queries = _budget_queries([("q0", "x9", "train"), ("q1", "x1", "train"), ("q2", "d0", "train"),
+                               ("q3", "x9", "train")])
+    assert _kept(queries, ["d0"], LabelConfig(max_docs_per_split=1)) == ["q2"]
+    assert _kept(queries, ["d0"], LabelConfig(max_docs_per_split=2)) == ["q0", "q2", "q3"]  # x9 before x1
+    assert _kept(queries, [], LabelConfig(max_docs_per_split=1)) == ["q0", "q3"]
+    assert _kept(_budget_queries([]), [], LabelConfig(max_docs_per_split=1)) == []
+
+
+def test_budget_config_is_positive_per_split() -> None:
+    assert LabelConfig(max_docs_per_split={"train": 5}).doc_cap("train") == 5
+    assert LabelConfig(max_docs_per_split={"train": 5}).doc_cap("dev") is None
+    assert LabelConfig(max_docs_per_split=3).doc_cap("test") == 3
+    for bad in (0, {"train": 0}, {"validation": 3}):
+        with pytest.raises(ConfigError, match="max_docs_per_split"):
+            build_config(LabelConfig, {"max_docs_per_split": bad}, source="t.yaml")

@@ -17,6 +17,7 @@ from uae_ray.losses import (
     GroupBatch,
     infonce,
     listwise_kl,
+    plackett_luce_distillation,
     reward_listwise_loss,
     soft_cross_entropy,
     standardize_per_query,
@@ -174,3 +175,38 @@ def test_losses_have_gradients():
     loss = utility_modulated_infonce(q, p, r, gold, valid, tau_s=0.05, tau_t=1.0, gold_mix=0.5)
     loss.backward()
     assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+
+
+def _pl_brute_force(scores: list[float], order: list[int]) -> float:
+    """-log P(order) under Plackett-Luce with ``scores``, by the definition, divided by the list length."""
+    nll, rest = 0.0, list(order)
+    for i in order:
+        nll -= scores[i] - math.log(sum(math.exp(scores[j]) for j in rest))
+        rest.remove(i)
+    return nll / len(order)
+
+
+def test_plackett_luce_matches_brute_force_positives_first_and_padding():
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(2, 4), dim=-1)
+    p = F.normalize(torch.randn(2, 4, 4), dim=-1)
+    r = T([[0.1, 2.0, -1.0, 0.5], [3.0, 1.0, 2.0, 9.0]])
+    gold = T([[False, False, True, False], [True, False, False, False]])
+    valid = T([[True, True, True, True], [True, True, True, False]])  # row 1: the last entry is padding
+    tau = 0.5
+    s = (torch.einsum("bd,bgd->bg", q, p) / tau).tolist()
+    # row 0: the positive (2) first, then by teacher: 1, 3, 0; row 1: positive 0, then 2, 1 (3 is padding)
+    expected = (_pl_brute_force(s[0], [2, 1, 3, 0]) + _pl_brute_force(s[1][:3], [0, 2, 1])) / 2
+    got = plackett_luce_distillation(q, p, r, gold, valid, tau_s=tau)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_plackett_luce_prefers_the_teacher_order():
+    # two passages; the student that scores them in the teacher's order has the lower loss
+    q = T([[1.0, 0.0]])
+    good = T([[[1.0, 0.0], [0.0, 1.0]]])
+    bad = T([[[0.0, 1.0], [1.0, 0.0]]])
+    r, gold, valid = T([[2.0, 1.0]]), T([[False, False]]), T([[True, True]])
+    lo = plackett_luce_distillation(q, good, r, gold, valid, tau_s=0.1)
+    hi = plackett_luce_distillation(q, bad, r, gold, valid, tau_s=0.1)
+    assert lo.item() < hi.item()

@@ -116,6 +116,18 @@ def test_mine_document_scope_gold_and_rerun(ray_session, tmp_path) -> None:
     pv = encode(model, [TOPICS["moon"][1]])
     assert per_q["q-moon"][0]["base_score"] == pytest.approx(float(qv[0] @ pv[0]), abs=1e-2)
 
+    # insert_gold [dev]: train pools are exactly the encoder's top 1 (gold or not), the dev pool still gets its gold
+    report = mine.run(cfg.model_copy(update={"pool_size": 1, "insert_gold": ["dev"]}), rd)
+    assert report["insert_gold"] == ["dev"] and report["pools_without_gold_insertion"] == 2
+    pools = {r["qid"]: r for r in rd.read_table(CANDIDATES).to_pylist()}
+    assert pools["q-cook"]["pid"] == "cook#2" and pools["q-cook"]["is_gold"]
+    for topic in ("moon", "bird"):
+        question = QUESTIONS[topic][0]
+        cos = encode(model, TOPICS[topic]) @ encode(model, [question])[0]
+        top = f"{topic}#{int(cos.argmax())}"
+        assert pools[f"q-{topic}"]["pid"] == top
+        assert pools[f"q-{topic}"]["is_gold"] == (top == f"{topic}#{QUESTIONS[topic][1]}")
+
 
 @pytest.mark.slow
 def test_mine_corpus_scope_by_split_and_reward_mix(ray_session, tmp_path) -> None:

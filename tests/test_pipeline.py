@@ -12,6 +12,7 @@ import pytest
 
 from uae_ray.config import (
     ConfigError,
+    EvaluateConfig,
     MineConfig,
     TrainEncoderConfig,
     load_pipeline_config,
@@ -225,6 +226,86 @@ def test_step_for_train_encoder_outputs(tmp_path: Path):
     rd.write_json("pipeline/train-encoder.json", {"outputs": list(pipeline.step_for(
         "train-encoder", TrainEncoderConfig(output="enc2"), rd).outputs)})
     assert pipeline.step_for("train-encoder", TrainEncoderConfig(output="enc2"), rd).name == "train-encoder"
+
+
+def test_second_evaluation_is_a_step_of_its_own(tmp_path: Path, capsys):
+    """An evaluate writing eval_x (in a pipeline or on its own) is the step evaluate-eval_x: its own marker, its own
+    output removed when stale, never eval/; a current one prints its own report."""
+    rd = RunDir(tmp_path / "run")
+    cfg = _cfg("evaluate.output=eval_x")
+    run_ids: dict[str, str] = {}
+    for step in pipeline.plan(cfg):  # every step current: nothing runs
+        run_ids[step.name] = f"run-{step.name}"
+        rd.write_json(f"pipeline/{step.name}.json", {
+            "status": "done", "run_id": run_ids[step.name], "config": step.config.model_dump(mode="json"),
+            "upstream": pipeline.upstream_ids(step, run_ids), "source": pipeline.source_fingerprint(step, rd)})
+    rd.write_text("eval_x/report.md", "the second evaluation's table\n")
+    rd.write_text("eval/report.md", "the main evaluation's table\n")
+    assert {r["state"] for r in pipeline.run(cfg, rd).values()} == {"current"}
+    out = capsys.readouterr().out
+    assert "the second evaluation's table" in out and "the main evaluation's table" not in out
+    steps = {s.name: s for s in pipeline.plan(cfg)}
+    assert "evaluate" not in steps and steps["evaluate-eval_x"].outputs == ("eval_x",)
+    assert steps["evaluate-eval_x"].removable == ("eval_x",) and steps["evaluate-eval_x"].cli_stage == "evaluate"
+    assert "index" in steps["evaluate-eval_x"].upstream
+    assert pipeline.step_for("evaluate", EvaluateConfig(), rd).name == "evaluate"
+    alone = pipeline.step_for("evaluate", EvaluateConfig(output="eval_x"), rd)
+    assert alone.name == "evaluate-eval_x" and alone.upstream == steps["evaluate-eval_x"].upstream
+    assert pipeline.step_for("evaluate", EvaluateConfig(output="evals/full"), rd).name == "evaluate-evals_full"
+    assert [s.name for s in pipeline.plan(_cfg())][-1] == "evaluate"
+    # an evaluation writing into another step's output is refused (models end in "/" in the registry)
+    with pytest.raises(ConfigError, match="both write 'encoder'"):
+        _cfg("evaluate.output=encoder")
+
+
+def test_index_step_is_optional():
+    steps = {s.name: s for s in pipeline.plan(_cfg("index=null"))}
+    assert "index" not in steps and "index" not in steps["evaluate"].upstream
+    assert steps["evaluate"].upstream == ("train-encoder", "score-reward", "label", "train-encoder-ablation")
+
+
+def test_evaluate_students_are_inputs_and_stamped(tmp_path: Path):
+    """`run:` students are inputs of the evaluate step (checked before Ray starts); their commit markers are part of
+    the step's source fingerprint (a student retrained outside the pipeline makes the evaluation stale)."""
+    from uae_ray.cli import missing_inputs
+    from uae_ray.stages import registry
+
+    cfg = EvaluateConfig(students={"kl": "run:encoder_kl", "mini": "all-minilm-l6-v2"}, compare_to=["kl"])
+    stage = registry.STAGES["evaluate"]
+    assert stage.inputs(cfg) == (S.CORPUS, S.QUERIES, "encoder_kl/")
+    rd = RunDir(tmp_path / "run")
+    rd.write_text(S.CORPUS, "x")
+    rd.write_text(S.QUERIES, "x")
+    assert missing_inputs(stage, cfg, rd) == ["encoder_kl"]
+    step = pipeline.step_for("evaluate", cfg, rd)
+    assert pipeline.source_fingerprint(pipeline.step_for("evaluate", EvaluateConfig(), rd), rd) is None
+    absent = pipeline.source_fingerprint(step, rd)
+    with rd.staged_dir("encoder_kl") as d:
+        (d / "model.txt").write_text("v1")
+    assert missing_inputs(stage, cfg, rd) == []
+    first = pipeline.source_fingerprint(step, rd)
+    assert first not in (None, absent)
+    with rd.staged_dir("encoder_kl") as d:
+        (d / "model.txt").write_text("v2, retrained")
+    assert pipeline.source_fingerprint(step, rd) != first
+
+
+def test_cli_evaluate_names_a_missing_student_before_ray_starts(tmp_path: Path, capsys):
+    from uae_ray.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("evaluate:\n  students: {kl: 'run:encoder_kl'}\n  compare_to: [base, kl]\n"
+                      "  output: eval_fulldev\n")
+    rd = RunDir(tmp_path / "run")
+    rd.write_text(S.CORPUS, "x")
+    rd.write_text(S.QUERIES, "x")
+    args = ["evaluate", "--run-dir", str(tmp_path / "run"), "--config", str(config), "--address", "127.0.0.1:9"]
+    assert main(args) == 2  # nothing listens at that address: the check comes before Ray
+    err = capsys.readouterr().err
+    assert "uae-ray evaluate: missing input" in err and "encoder_kl" in err and "corpus" not in err
+    assert main([*args, "--set", "output=eval/x"]) == 2
+    assert "config error" in capsys.readouterr().err
+    assert not rd.exists("pipeline") and not rd.exists("eval_fulldev")
 
 
 def test_until_must_name_a_step(tmp_path: Path):

@@ -21,8 +21,10 @@ from uae_ray.config import ScoreRewardConfig, TrainEncoderConfig, TrainRewardCon
 from uae_ray.data import schema
 from uae_ray.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from uae_ray.training.data import (
+    answer_patterns,
     build_encoder_examples,
     build_reward_groups,
+    contains_answer,
     heldout_documents,
     select_hard_negatives,
     steps_per_epoch,
@@ -61,6 +63,73 @@ def test_encoder_examples_counts_skips(tmp_path):
     for e in examples:
         assert e.gold[0] and not any(e.gold[1:])
         assert len(set(e.pids)) == len(e.pids) <= 4
+
+
+def test_answer_patterns_and_whole_word_match():
+    assert answer_patterns(["The Red", "Yes", "", "red", "no", "BLEU-4 score."]) == ["red", "bleu4 score"]
+    assert contains_answer("Its feathers are RED, always.", ["red"])
+    assert not contains_answer("Its feathers are reddish.", ["red"])  # whole words only
+    assert contains_answer("They report a BLEU-4 score of 27.", ["bleu4 score"])
+    assert not contains_answer("anything", [])
+
+
+def _tables(rd):
+    return {n: rd.read_table(n) for n in (schema.QUERIES, schema.CORPUS, schema.CANDIDATES, schema.TEACHER_SCORES)}
+
+
+def test_positives_answer_match_is_distant_supervision(tmp_path):
+    t = _tables(build_tiny_run(str(tmp_path), n_docs=8))
+    q = t[schema.QUERIES].to_pylist()
+    q[0]["answers"] = ["Yes"]  # nothing to match on
+    q[1]["gold_pids"] = []  # no annotation: answer-match does not need one
+    queries = pa.Table.from_pylist(q, schema=schema.QUERIES_SCHEMA)
+    answers = {r["qid"]: answer_patterns(r["answers"]) for r in q}
+    examples, counts = build_encoder_examples(
+        queries, t[schema.CORPUS], t[schema.CANDIDATES], None, n_hard_negatives=3, useful_quantile=0.9,
+        positives="answer_match")
+    assert counts["no_matchable_answer"] == 1
+    train = sum(r["split"] == "train" for r in q)
+    assert counts["examples"] == len(examples) == train - 1 - counts.get("no_answer_match", 0)
+    assert q[1]["qid"] in {e.qid for e in examples}
+    texts = dict(zip(t[schema.CORPUS]["pid"].to_pylist(), t[schema.CORPUS]["text"].to_pylist(), strict=True))
+    for e in examples:
+        assert 1 <= sum(e.gold) <= 2 and e.gold == sorted(e.gold, reverse=True)  # positives first, at most half
+        for pid, pos in zip(e.pids, e.gold, strict=True):
+            assert contains_answer(texts[pid], answers[e.qid]) == pos  # a match beyond the cap is no negative
+    assert counts["positives"] == sum(sum(e.gold) for e in examples)
+    with pytest.raises(ValueError, match="answers column"):
+        build_encoder_examples(queries.drop(["answers"]), t[schema.CORPUS], t[schema.CANDIDATES], None,
+                               n_hard_negatives=3, useful_quantile=0.9, positives="answer_match")
+
+
+def test_positives_from_the_teacher(tmp_path):
+    t = _tables(build_tiny_run(str(tmp_path), n_docs=8))
+    q = t[schema.QUERIES].to_pylist()
+    q[0]["gold_pids"] = ["nope#0"]  # teacher_top reads no annotation: still an example
+    queries = pa.Table.from_pylist(q, schema=schema.QUERIES_SCHEMA)
+    teacher: dict[str, dict[str, float]] = {}
+    for r in t[schema.TEACHER_SCORES].to_pylist():
+        teacher.setdefault(r["qid"], {})[r["pid"]] = r["teacher_score"]
+    top, counts = build_encoder_examples(queries, t[schema.CORPUS], t[schema.CANDIDATES], t[schema.TEACHER_SCORES],
+                                         n_hard_negatives=3, useful_quantile=0.9, positives="teacher_top")
+    assert "no_gold" not in counts and q[0]["qid"] in {e.qid for e in top}
+    for e in top:
+        assert e.gold == [True, False, False, False]
+        assert e.pids[0] == max(teacher[e.qid], key=teacher[e.qid].get)
+    useful, counts = build_encoder_examples(queries, t[schema.CORPUS], t[schema.CANDIDATES],
+                                            t[schema.TEACHER_SCORES], n_hard_negatives=3, useful_quantile=0.5,
+                                            positives="gold_and_useful")
+    assert counts["no_gold"] == 1
+    golds = {r["qid"]: r["gold_pids"] for r in q}
+    for e in useful:
+        n_pos = sum(e.gold)
+        assert e.pids[0] in golds[e.qid] and 1 <= n_pos <= 2 and len(e.pids) <= 4
+        threshold = np.quantile(list(teacher[e.qid].values()), 0.5)
+        assert all(teacher[e.qid][p] >= threshold for p in e.pids[1:n_pos])
+    assert any(sum(e.gold) == 2 for e in useful)
+    with pytest.raises(ValueError, match="needs teacher scores"):
+        build_encoder_examples(queries, t[schema.CORPUS], t[schema.CANDIDATES], None, n_hard_negatives=3,
+                               useful_quantile=0.9, positives="teacher_top")
 
 
 def test_reward_groups_and_heldout_by_document(tmp_path):
@@ -251,6 +320,14 @@ def test_ray_data_builds_the_same_examples_and_the_loop_config_carries_none(trai
     assert counts == want_counts
     assert read_examples(rd, f"{TRAIN_DATA}/{cfg.output}", [e.qid for e in want], EncoderExample) == want
     assert sorted(datasets["train_qids"].to_pandas()["qid"]) == [e.qid for e in want]
+    # distant supervision (answer-match positives, no teacher): the answers travel through the shuffle too
+    ds_cfg = _encoder_cfg(epochs=1, loss="infonce", positives="answer_match", output="encoder_ds")
+    _, _, ds_counts = train_encoder.trainer_inputs(ds_cfg, rd)
+    ds_want, ds_want_counts = build_encoder_examples(
+        tables[schema.QUERIES], tables[schema.CORPUS], tables[schema.CANDIDATES], None,
+        n_hard_negatives=ds_cfg.n_hard_negatives, useful_quantile=ds_cfg.useful_quantile, positives="answer_match")
+    assert ds_counts == ds_want_counts and ds_counts["examples"] > 0
+    assert read_examples(rd, f"{TRAIN_DATA}/encoder_ds", [e.qid for e in ds_want], EncoderExample) == ds_want
 
     # the old loop config pickled every example: now about 1 KB whatever the data, and no text in it
     old_size = pickled_size({"examples": [asdict(e) for e in want]})

@@ -183,6 +183,10 @@ class MineConfig(StageConfig):
     scope: Literal["auto", "document", "corpus"] = "auto"  # auto: document-scoped when documents have >1 passage
     splits: list[Literal["train", "dev", "test"]] = Field(default_factory=lambda: ["train", "dev", "test"])
     reward_weight: float = Field(0.0, ge=0.0, le=1.0)  # >0 mixes teacher_scores.parquet into the pool ranking
+    # splits whose pools get the gold passages added when the encoder missed them (rank K, replacing the last
+    # candidate). [dev]: train pools exactly as the base encoder retrieved them, with no passage annotation used
+    # (UAE from answers alone, issue #15), while dev stays comparable with gold-inserted runs.
+    insert_gold: list[Literal["train", "dev", "test"]] = Field(default_factory=lambda: ["train", "dev", "test"])
     pool: ActorPool = ActorPool(batch_size=64)
 
 
@@ -203,6 +207,13 @@ class LabelConfig(StageConfig):
     pool: ActorPool = ActorPool(batch_size=16)  # batch_size: sequences per forward pass inside an actor
     rows_per_batch: int = Field(64, ge=1)  # pairs per actor call (sorted by length inside, then batched)
     rows_per_part: int = Field(2048, ge=1)  # resumability granularity: one Parquet part per chunk of pairs
+    # the LLM budget: only the pools of the first N documents of each split (in prepare's order) are labeled; one N
+    # for every split or {train: 100}; the reward model then scores every pool (a teacher that scales past the
+    # labels, issue #15)
+    max_docs_per_split: PositiveInt | dict[Literal["train", "dev", "test"], PositiveInt] | None = None
+    # other run dirs whose label caches are read (never written): pairs labeled there under the same generator,
+    # prompt and settings are reused instead of re-scored (e.g. a second run over the same questions)
+    reuse_from: list[str] = Field(default_factory=list)
     # vllm backend (Ray Data LLM engines; the engine pool is `pool`: min/max engines, each on a bundle of
     # pool.num_cpus CPUs, pool.num_gpus GPUs and pool.resources)
     tensor_parallel_size: int = Field(1, ge=1)  # GPUs per engine (vllm backend)
@@ -222,6 +233,12 @@ class LabelConfig(StageConfig):
             raise ValueError("tensor_parallel_size > 1 needs GPUs: set pool.num_gpus (the CPU engine runs on one "
                              "worker)")
         return self
+
+    def doc_cap(self, split: str) -> int | None:
+        """The most documents of ``split`` whose pools are labeled (``max_docs_per_split``), or None for all."""
+        if isinstance(self.max_docs_per_split, dict):
+            return self.max_docs_per_split.get(split)  # type: ignore[call-overload]
+        return self.max_docs_per_split
 
 
 # ---------------------------------------------------------------------------------------------------- train-reward
@@ -282,7 +299,10 @@ class TrainEncoderConfig(StageConfig):
     no point beat these defaults at the configured 2 epochs; lr 5e-5 trains runs of a few dozen steps faster."""
 
     base_model: str = "all-minilm-l6-v2"
-    loss: Literal["uae", "infonce", "kl"] = "uae"
+    # uae: soft teacher targets + in-batch negatives; infonce: gold only (the ablation); kl: the KL form over the
+    # group; listwise: Plackett-Luce likelihood of the teacher's ranking, positives first (kl and listwise are
+    # group-only: in_batch_negatives does not apply)
+    loss: Literal["uae", "infonce", "kl", "listwise"] = "uae"
     output: str = "encoder"  # directory name in the run dir (the ablation writes encoder_infonce)
     tau_s: float = Field(0.05, gt=0)
     tau_t: float = Field(1.0, gt=0)
@@ -292,6 +312,10 @@ class TrainEncoderConfig(StageConfig):
     # the label stage (no denoising; the pools of the trained splits must be labeled)
     teacher: Literal["reward_model", "utilities"] = "reward_model"
     useful_quantile: float = Field(0.9, gt=0, le=1)  # teacher scores above this pool quantile are never negatives
+    # the group's positives: the annotated gold passages; gold plus the pool's passages the teacher scores above
+    # useful_quantile (multi-positive); the teacher's top passage of the pool (no passage annotation: UAE from
+    # answers alone); or every pool passage that contains an answer string (distant supervision, no teacher)
+    positives: Literal["gold", "gold_and_useful", "teacher_top", "answer_match"] = "gold"
     in_batch_negatives: bool = True
     max_query_length: int = Field(64, ge=8)
     max_passage_length: int = Field(256, ge=16)
@@ -312,6 +336,11 @@ class TrainEncoderConfig(StageConfig):
     @classmethod
     def _output(cls, v: str) -> str:
         return _output_name(v)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the examples need teacher scores (soft targets, utility-aware negatives or teacher positives)."""
+        return self.loss != "infonce" or self.positives in ("gold_and_useful", "teacher_top")
 
 
 # ----------------------------------------------------------------------------------------------------------- index
@@ -369,6 +398,17 @@ class EvaluateConfig(StageConfig):
     # LLM re-rankers + answers; None: label.dtype
     llm_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     seed: int = 13  # which queries form the LLM / generation subsets (deterministic)
+    # extra dense students, evaluated beside the systems: name -> ``run:<model dir>`` of this run dir, or a model
+    # directory / registry name / hub id (e.g. the students of another run dir: runs/qasper/encoder)
+    students: dict[str, str] = Field(default_factory=dict)
+    # the systems every other one is compared with (paired differences, bootstrap intervals, p-values)
+    compare_to: list[str] = Field(default_factory=lambda: ["base", "infonce"])
+    output: str = "eval"  # directory name in the run dir (a second evaluation writes e.g. eval_fulldev)
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        return v if v == "eval" else _output_name(v)
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:
@@ -376,6 +416,15 @@ class EvaluateConfig(StageConfig):
         unknown = sorted(set(self.systems) - known)
         if unknown:
             raise ValueError(f"unknown systems {unknown}; known: {sorted(known)}")
+        clash = sorted(set(self.students) & (known | {"generator"}))  # report.json keys systems and "generator"
+        if clash:
+            raise ValueError(f"students {clash}: the name of a built-in system; choose another")
+        bad = sorted(n for n in self.students if not n or not n.replace("_", "").replace("-", "").isalnum())
+        if bad:
+            raise ValueError(f"students {bad}: names are letters, digits, '_' and '-'")
+        unknown_refs = sorted(set(self.compare_to) - known - set(self.students))  # absent systems: skipped
+        if unknown_refs:
+            raise ValueError(f"compare_to {unknown_refs}: neither a system ({sorted(known)}) nor a student")
         if min([*self.ks, *self.exp_util_ks, *self.generate_ks], default=1) < 1:
             raise ValueError("every k in ks, exp_util_ks and generate_ks must be >= 1")
         if self.rankgpt_step > self.rankgpt_window:

@@ -6,7 +6,8 @@ Two families:
   softmax of per-query standardised utilities (temperature ``tau``) and the softmax of the model's scores, plus a
   Huber term on the standardised utility (utilities are noisy);
 - student bi-encoder: :func:`utility_modulated_infonce` (soft teacher targets + in-batch negatives),
-  :func:`infonce` (gold only: the ablation), :func:`utility_kl` (the KL form over the group only).
+  :func:`infonce` (gold only: the ablation), :func:`utility_kl` (the KL form over the group only),
+  :func:`plackett_luce_distillation` (listwise: the teacher's ranking, positives first, over the group only).
 
 In-batch negatives from other workers are passed in already gathered (see :func:`uae_ray.distributed.gather_with_grad`)
 so these functions stay pure: ``in_batch`` holds every passage of the global batch, flattened group by group, and
@@ -270,6 +271,53 @@ def utility_kl(
     return (targets * (logp - logq) * valid_mask).sum(-1).mean()
 
 
+def plackett_luce_distillation(
+    query: Tensor,
+    passages: Tensor,
+    teacher_scores: Tensor,
+    gold_mask: Tensor,
+    valid_mask: Tensor,
+    *,
+    tau_s: float,
+) -> Tensor:
+    """Listwise distillation (ListMLE): the negative Plackett-Luce log-likelihood, under the student's scores, of
+    the teacher's ranking of each query's group, positives first.
+
+    The target permutation puts the group's positives (``gold_mask``) first, each block ordered by teacher score;
+    the likelihood of a permutation pi under scores s is ``prod_i exp(s_pi(i)) / sum_{j >= i} exp(s_pi(j))``. Unlike
+    the softmax targets of :func:`utility_modulated_infonce`, every position of the ranking is supervised, not only
+    the head of the teacher distribution. Group-only (no in-batch negatives: they have no place in the ranking).
+
+    Args:
+        query: [B, d] query embeddings (unit vectors).
+        passages: [B, G, d] each query's group of passage embeddings.
+        teacher_scores: [B, G] teacher scores (order within the positives and within the rest).
+        gold_mask: [B, G] bool, True for positives (ranked first).
+        valid_mask: [B, G] bool, False on padding (left out of the ranking).
+        tau_s: student temperature.
+
+    Returns:
+        Scalar tensor: the mean over queries of the per-position mean negative log-likelihood.
+
+    References:
+        - Xia et al., 2008, "Listwise Approach to Learning to Rank: Theory and Algorithm" (ListMLE).
+        - Plackett, 1975; Luce, 1959 (the Plackett-Luce model).
+    """
+    scores = torch.einsum("bd,bgd->bg", query, passages) / tau_s  # [B, G]
+    t = teacher_scores.to(scores.dtype)
+    span = (t.max(-1, keepdim=True).values - t.min(-1, keepdim=True).values).detach() + 1.0
+    key = torch.where(gold_mask & valid_mask, t + span, t)  # positives above every other entry  [B, G]
+    key = key.masked_fill(~valid_mask, float("-inf"))  # padding last
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)  # [B, G]
+    s = scores.gather(-1, order)
+    valid = valid_mask.gather(-1, order)
+    s = s.masked_fill(~valid, _neg_large(s))
+    # log sum_{j >= i} exp(s_j): a reversed log-cumsum-exp  [B, G]
+    tail = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
+    nll = (tail - s) * valid
+    return (nll.sum(-1) / valid.sum(-1).clamp_min(1)).mean()
+
+
 # ------------------------------------------------------------------------------------------------ loss selection
 class EncoderLoss(StrEnum):
     """The student objectives the ``train-encoder`` config's ``loss`` field names."""
@@ -277,6 +325,7 @@ class EncoderLoss(StrEnum):
     UAE = "uae"
     INFONCE = "infonce"
     KL = "kl"
+    LISTWISE = "listwise"
 
 
 @dataclass(frozen=True)
@@ -321,10 +370,17 @@ def _kl(b: GroupBatch, p: EncoderLossParams) -> Tensor:
     )
 
 
+def _listwise(b: GroupBatch, p: EncoderLossParams) -> Tensor:
+    return plackett_luce_distillation(b.query, b.passages, b.teacher_scores, b.gold_mask, b.valid_mask, tau_s=p.tau_s)
+
+
 ENCODER_LOSSES: dict[EncoderLoss, Callable[[GroupBatch, EncoderLossParams], Tensor]] = {
     EncoderLoss.UAE: _uae,
     EncoderLoss.INFONCE: _infonce,
     EncoderLoss.KL: _kl,
+    EncoderLoss.LISTWISE: _listwise,
 }
-#: Which objectives use gathered in-batch negatives (the KL form is group-only by definition).
-USES_IN_BATCH: dict[EncoderLoss, bool] = {EncoderLoss.UAE: True, EncoderLoss.INFONCE: True, EncoderLoss.KL: False}
+#: Which objectives use gathered in-batch negatives (the KL and listwise forms are group-only by definition).
+USES_IN_BATCH: dict[EncoderLoss, bool] = {
+    EncoderLoss.UAE: True, EncoderLoss.INFONCE: True, EncoderLoss.KL: False, EncoderLoss.LISTWISE: False,
+}

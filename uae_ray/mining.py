@@ -7,8 +7,10 @@ Scope:
   never hold evaluation passages); passages of documents without queries are open to every split.
 - ``auto``: ``document`` when the median document has more than one passage, else ``corpus`` (SQuAD/MRQA).
 
-Gold passages are always in the pool: each missing gold replaces the lowest-ranked non-gold candidate, and the pool
-is re-sorted by score, so ``rank`` is the position by score (a gold below every other candidate ranks last).
+Gold passages are in the pools of the splits the config's ``insert_gold`` names (all, by default): each missing gold
+replaces the lowest-ranked non-gold candidate, and the pool is re-sorted by score, so ``rank`` is the position by score
+(a gold below every other candidate ranks last). Other splits' pools are exactly what the encoder retrieved (``is_gold``
+still marks golds that happen to be in them).
 
 Re-mining with the reward model (``reward_weight`` w > 0): the candidate set is the dense top-2K plus the previous
 pool; both the base cosine and the teacher score are z-scored within the query's set, a candidate without a teacher

@@ -6,11 +6,25 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from uae_ray.eval.report import LLM_SYSTEMS, SYSTEM_ORDER
+from uae_ray.eval.report import LLM_SYSTEMS, SYSTEM_ORDER, ordered_systems
 
 _STYLE = {"uae": ("tab:red", "o"), "base": ("tab:blue", "s"), "infonce": ("tab:purple", "D"),
           "bm25": ("tab:gray", "v"), "reward_rerank": ("tab:green", "P"), "upr": ("tab:orange", "^"),
           "rankgpt": ("tab:brown", "X")}
+# the extra dense students, in report order: colours and markers none of the built-in systems uses
+_STUDENT_COLORS = ("tab:pink", "tab:olive", "tab:cyan", "gold", "navy", "teal", "magenta", "darkred")
+_STUDENT_MARKERS = ("*", "h", "p", "<", ">", "d", "H", "8")
+
+
+def _styles(settings: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """(colour, marker) of every system of ``settings``: the built-in ones fixed, the extra students from the palette
+    in their report order (the same in every plot and panel)."""
+    names = ordered_systems(n for block in settings.values() for n in block.get("systems", {}))
+    extra = [n for n in names if n not in SYSTEM_ORDER]
+    out = {n: _STYLE[n] for n in names if n in _STYLE}
+    for i, name in enumerate(extra):
+        out[name] = (_STUDENT_COLORS[i % len(_STUDENT_COLORS)], _STUDENT_MARKERS[i % len(_STUDENT_MARKERS)])
+    return out
 
 
 def _decorate(ax: Any, which: str = "major") -> None:
@@ -34,14 +48,15 @@ def recall_curves(settings: Mapping[str, Any], ks: Sequence[int], out: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    styles = _styles(settings)
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
     for ax, (setting, block) in zip(axes[0], settings.items(), strict=True):
         systems = block.get("systems", {})
-        for name in [s for s in SYSTEM_ORDER if s in systems]:
+        for name in ordered_systems(systems):
             ys = [systems[name].get(f"recall@{k}") for k in ks]
             if any(y is None for y in ys):
                 continue
-            color, marker = _STYLE.get(name, ("black", "."))
+            color, marker = styles[name]
             ax.plot(ks, [100 * y for y in ys], marker=marker, color=color, lw=2.5 if name == "uae" else 1.2,
                     label=f"{name} (n={systems[name]['n_queries']})")
         ax.set_xscale("log")
@@ -60,16 +75,17 @@ def quality_vs_latency(settings: Mapping[str, Any], metric: str, out: Path) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    styles = _styles(settings)
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
     for ax, (setting, block) in zip(axes[0], settings.items(), strict=True):
         sub = block.get("llm_subset") or block
         systems = sub.get("systems", {})
-        for name in [s for s in SYSTEM_ORDER if s in systems]:
+        for name in ordered_systems(systems):
             m = systems[name]
             x, y = m["latency"]["mean_ms"], m.get(metric)
             if x is None or y is None:
                 continue
-            color, marker = _STYLE.get(name, ("black", "."))
+            color, marker = styles[name]
             scale = 1.0 if metric.startswith("exputil") else 100.0
             ax.scatter([x], [scale * y], color=color, marker=marker, s=120 if name in ("uae", *LLM_SYSTEMS) else 60,
                        label=name, zorder=3)

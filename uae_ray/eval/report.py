@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -12,6 +12,20 @@ from uae_ray.eval.stats import comparisons_markdown, format_difference
 
 LLM_SYSTEMS = ("upr", "rankgpt")
 SYSTEM_ORDER = ("bm25", "base", "infonce", "uae", "reward_rerank", "upr", "rankgpt")
+
+
+def ordered_systems(names: Iterable[str]) -> list[str]:
+    """``names`` in report order: the built-in systems as :data:`SYSTEM_ORDER` has them, with every other name (the
+    extra dense students, in their given order) right after the built-in dense students."""
+    names = list(dict.fromkeys(names))
+    extra = [n for n in names if n not in SYSTEM_ORDER]
+    out = []
+    for s in SYSTEM_ORDER:
+        if s in names:
+            out.append(s)
+        if s == "uae":
+            out += extra
+    return out
 
 
 def utilities_by_query(table: pa.Table | None) -> dict[str, dict[str, float]]:
@@ -84,7 +98,7 @@ def markdown_table(block: Mapping[str, Any], ks: Sequence[int], exp_util_ks: Seq
     head = ["system", "n", *[c.replace("recall", "R") for c in cols], *gen_cols, "ms/query"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     systems = block.get("systems", {})
-    for name in [s for s in SYSTEM_ORDER if s in systems]:
+    for name in ordered_systems(systems):
         m = systems[name]
         cells = [name, str(m["n_queries"])]
         cells += [_fmt(m.get(c), pct=not c.startswith("exputil")) for c in cols]
@@ -129,7 +143,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             out += ["", "Paired differences (system minus reference, on the queries both have; points for "
                     "Recall/MRR/MAP, nats for ExpUtil): mean [" + method.get("interval", "95% interval") + "], "
                     "p: " + method.get("p_value", "paired test") + ". n: queries compared.", "",
-                    comparisons_markdown(comps, SYSTEM_ORDER), ""]
+                    comparisons_markdown(comps, ordered_systems(n for b in comps.values() for n in b)), ""]
         reused = {n: b["reranks_reused"] for n, b in block["systems"].items() if b.get("reranks_reused")}
         if reused:
             out.append("Re-rankings reused from an identical (question, base top K) of an earlier setting, charged "

@@ -19,6 +19,7 @@ from uae_ray.config import EvaluateConfig, LabelConfig
 from uae_ray.data.schema import ENCODER, ENCODER_INFONCE, INDEX, REWARD_MODEL
 from uae_ray.eval.systems import BM25System, Corpus, DenseSystem, RerankSystem, RewardReranker, System
 from uae_ray.index.versions import fetch_index, has_index
+from uae_ray.models.registry import RUN_PREFIX
 from uae_ray.runtime import RunDir
 
 log = logging.getLogger("uae_ray")
@@ -64,48 +65,89 @@ def _model_dir(run_dir: RunDir, name: str) -> str | None:
     return str(run_dir.fetch_dir(name)) if run_dir.dir_complete(name) else None
 
 
+def dense_specs(cfg: EvaluateConfig) -> dict[str, str]:
+    """name -> model spec of every dense system: the base encoder, the UAE student, its gold-only ablation and the
+    extra ``students`` (``run:<dir>``: a model directory of the run dir; else a registry name, path or hub id)."""
+    return {"base": cfg.base_encoder, "infonce": f"{RUN_PREFIX}{ENCODER_INFONCE}", "uae": f"{RUN_PREFIX}{ENCODER}",
+            **cfg.students}
+
+
+def check_students(cfg: EvaluateConfig, run_dir: RunDir) -> dict[str, str]:
+    """The loadable location of every extra student (``run:`` directories fetched to this node), checked before any
+    heavy work: a student whose model is missing is an error naming the student and the path."""
+    from uae_ray.models.registry import ModelNotFoundError, resolve
+
+    out = {}
+    for name, spec in cfg.students.items():
+        if spec.startswith(RUN_PREFIX):
+            path = _model_dir(run_dir, spec.removeprefix(RUN_PREFIX))
+            if path is None:
+                raise FileNotFoundError(f"evaluate.students.{name}: {run_dir.path(spec.removeprefix(RUN_PREFIX))} "
+                                        "is missing or incomplete (no _SUCCESS: train that encoder first)")
+            out[name] = path
+            continue
+        try:
+            out[name] = resolve(spec).path
+        except ModelNotFoundError as e:
+            raise ModelNotFoundError(f"evaluate.students.{name}: {e}") from e
+    return out
+
+
 def build_systems(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corpus: Corpus, needed_rows: np.ndarray,
-                  *, open_corpus: bool) -> SystemSet:
-    """Every system of ``cfg.systems`` whose inputs exist; missing inputs become skip reasons.
+                  *, open_corpus: bool, students: dict[str, str] | None = None) -> SystemSet:
+    """Every system of ``cfg.systems`` and ``cfg.students`` whose inputs exist; missing inputs of the built-in systems
+    become skip reasons.
 
     Args:
         needed_rows: corpus rows any system may rank (dense encoders encode only these).
-        open_corpus: open retrieval over the whole corpus (the UAE system then searches the FAISS index when
-            the index was built with the UAE encoder).
+        open_corpus: open retrieval over the whole corpus (a trained student, ``uae``, ``infonce`` or an extra one,
+            then searches the FAISS index when the index was built with its encoder; the base encoder, first stage
+            of every re-ranker, always scores exactly).
+        students: the extra students' locations (:func:`check_students`; None: checked here).
     """
     from uae_ray.index.source import encoder_fingerprint
     from uae_ray.models.encoder import load_encoder
 
     out = SystemSet()
-    wanted = set(cfg.systems)
+    wanted = set(cfg.systems) | set(cfg.students)
     if "bm25" in wanted:
         out.systems["bm25"] = BM25System(corpus)
-    dense_dirs = {"base": cfg.base_encoder, "infonce": _model_dir(run_dir, ENCODER_INFONCE),
-                  "uae": _model_dir(run_dir, ENCODER)}
+    located = check_students(cfg, run_dir) if students is None else students
     needs_base = wanted & {"base", "reward_rerank", "upr", "rankgpt"}
-    for name, path in dense_dirs.items():
+    index: Any = False  # the run's FAISS index, loaded on first need (False: not yet; None: the run has none)
+    for name, spec in dense_specs(cfg).items():
         if name not in wanted and not (name == "base" and needs_base):
             continue
+        if name in located:
+            path: str | None = located[name]
+        elif spec.startswith(RUN_PREFIX):
+            path = _model_dir(run_dir, spec.removeprefix(RUN_PREFIX))
+        else:
+            path = spec  # a registry name: loaded (and fingerprinted) by that name
         if path is None:
-            dirname = ENCODER_INFONCE if name == "infonce" else ENCODER
-            out.skipped[name] = f"{run_dir.path(dirname)} missing or incomplete (run train-encoder first)"
+            out.skipped[name] = (f"{run_dir.path(spec.removeprefix(RUN_PREFIX))} missing or incomplete (run "
+                                 "train-encoder first)")
             continue
         model = load_encoder(path)
-        index = None
-        if name == "uae" and open_corpus and has_index(run_dir, INDEX):
-            from uae_ray.index.search import ShardedIndex
+        search = None
+        if name != "base" and open_corpus:
+            if index is False:
+                index = None
+                if has_index(run_dir, INDEX):
+                    from uae_ray.index.search import ShardedIndex
 
-            idx = ShardedIndex.load(fetch_index(run_dir, INDEX)[1])  # the version index/CURRENT names
-            if idx.manifest.get("encoder") == f"run:{ENCODER}":
-                index = idx
-                out.index_used[name] = f"FAISS {idx.manifest.get('factory')} x {idx.manifest.get('num_shards')}"
-        vectors = encode_rows(model, corpus, needed_rows if index is None else np.arange(len(corpus.pids)))
+                    index = ShardedIndex.load(fetch_index(run_dir, INDEX)[1])  # the version index/CURRENT names
+            if index is not None and index.manifest.get("encoder") == spec:
+                search = index
+                out.index_used[name] = f"FAISS {index.manifest.get('factory')} x {index.manifest.get('num_shards')}"
+        vectors = encode_rows(model, corpus, needed_rows if search is None else np.arange(len(corpus.pids)))
         query_encoder = None
         if cfg.encoder_backend != "torch":
             from uae_ray.models.fast_encoder import load_query_encoder
 
             query_encoder = load_query_encoder(path, cfg.encoder_backend)
-        out.systems[name] = DenseSystem(name, model, vectors, index=index, corpus=corpus, query_encoder=query_encoder)
+        out.systems[name] = DenseSystem(name, model, vectors, index=search, corpus=corpus,
+                                        query_encoder=query_encoder)
         out.models[name] = f"{path} ({encoder_fingerprint(path)})"
     base = out.systems.get("base")
     if "reward_rerank" in wanted:

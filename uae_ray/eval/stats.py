@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 COMPARED_METRICS = ("recall@1", "mrr", "map", "exputil@1")
-REFERENCES = ("base", "infonce")  # every system against the base encoder and the gold-only ablation (when present)
+# every system against the base encoder and the gold-only ablation (when present); evaluate: its compare_to
+REFERENCES = ("base", "infonce")
 CONFIDENCE = 0.95
 N_RESAMPLES = 10_000
 

@@ -1,10 +1,14 @@
 """``uae-ray evaluate``: every system in the pool and open-retrieval settings -> eval/report.{json,md} + plots.
 
-Steps (each resumable: rankings, on-demand labels and answers are stored under ``eval/`` and reused when current):
+Everything is written under ``evaluate.output`` (``eval``; a second evaluation of the run dir, e.g. ``eval_fulldev``,
+leaves ``eval/`` alone but reuses the labels and answers cached there, read-only). The systems are the built-in ones
+of ``evaluate.systems`` and the extra dense ``students``, each evaluated as the built-in dense students are.
+
+Steps (each resumable: rankings, on-demand labels and answers are stored in the output and reused when current):
 rank the split's queries with every system -> label the top-k passages that have no utility yet (ExpUtil) ->
 generate answers from the top contexts (Token F1, ROUGE-L) -> metrics per system and setting, paired differences with
-intervals against base and the gold-only ablation, the student's expected-utility calibration per score decile and
-adaptive k against fixed k -> report and plots.
+intervals against ``compare_to`` (base and the gold-only ablation), the student's expected-utility calibration per
+score decile and adaptive k against fixed k -> report and plots.
 """
 
 from __future__ import annotations
@@ -23,14 +27,31 @@ from uae_ray.data.schema import CANDIDATES, CORPUS, ENCODER, EVAL, MINE_REPORT, 
 from uae_ray.eval import plots
 from uae_ray.eval.calibrate import CalibrationEval, evaluate_calibration, finish_adaptive, load_student_calibration
 from uae_ray.eval.report import LLM_SYSTEMS, render_markdown, retrieval_metrics, speedups, summarize, utilities_by_query
-from uae_ray.eval.runner import answer_key, build_systems, fingerprint, generate_answers, label_missing, stable_order
-from uae_ray.eval.stats import COMPARED_METRICS, CONFIDENCE, N_RESAMPLES, REFERENCES, compare_systems
+from uae_ray.eval.runner import (
+    answer_key,
+    build_systems,
+    check_students,
+    fingerprint,
+    generate_answers,
+    label_missing,
+    stable_order,
+)
+from uae_ray.eval.stats import COMPARED_METRICS, CONFIDENCE, N_RESAMPLES, compare_systems
 from uae_ray.eval.systems import Corpus, QueryTask, run_system
 from uae_ray.runtime import RunDir
 
 log = logging.getLogger("uae_ray")
-ON_DEMAND = f"{EVAL}/utilities_on_demand.parquet"
-ANSWERS = f"{EVAL}/answers.parquet"
+# on-demand caches, inside the evaluation's output directory
+ON_DEMAND = "utilities_on_demand.parquet"
+ANSWERS = "answers.parquet"
+ANSWERS_META = "answers.json"  # the settings the answers were generated under (another evaluation reuses them)
+
+
+def _caches(cfg: EvaluateConfig, name: str) -> list[str]:
+    """Where the on-demand cache ``name`` is read: the main evaluation's ``eval/`` (read-only) when this one writes
+    elsewhere, then this evaluation's own, the one written."""
+    own = f"{cfg.output}/{name}"
+    return [own] if cfg.output == EVAL else [f"{EVAL}/{name}", own]
 
 
 def _open_scope(cfg: EvaluateConfig, run_dir: RunDir, corpus: Corpus) -> str:
@@ -59,7 +80,7 @@ def _labels(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir) -> tuple[p
 
     pv = prompt_version_for(label)
     parts, info = [], {"prompt_version": pv, "generator": label.generator}
-    for name in (UTILITIES, ON_DEMAND):
+    for name in (UTILITIES, *_caches(cfg, ON_DEMAND)):
         if not run_dir.exists(name):
             continue
         t = run_dir.read_table(name, columns=["qid", "pid", "utility", "generator", "prompt_version"])
@@ -85,7 +106,7 @@ def _rank_all(cfg: EvaluateConfig, run_dir: RunDir, systems: dict[str, Any], mod
                     "config": cfg.model_dump(include={"rerank_top_k", "rankgpt_window", "rankgpt_step",
                                                       "rankgpt_passage_tokens", "reward_max_length", "base_encoder",
                                                       "llm_dtype", "encoder_backend"})}
-            path = f"{EVAL}/rankings/{setting}__{name}"
+            path = f"{cfg.output}/rankings/{setting}__{name}"
             if run_dir.exists(f"{path}.json") and run_dir.read_json(f"{path}.json") == meta:
                 out[(setting, name)] = run_dir.read_table(f"{path}.parquet")
                 log.info("evaluate: %s / %s rankings are current, reusing", setting, name)
@@ -99,8 +120,10 @@ def _rank_all(cfg: EvaluateConfig, run_dir: RunDir, systems: dict[str, Any], mod
 
 
 def run(cfg: EvaluateConfig, run_dir: RunDir) -> dict[str, Any]:
-    """Evaluate every available system; returns the headline numbers (the full report is in eval/report.json)."""
+    """Evaluate every available system; returns the headline numbers (the full report is in
+    ``<output>/report.json``)."""
     label = cfg.label or LabelConfig()
+    students = check_students(cfg, run_dir)  # a missing student model fails here, before any heavy work
     corpus_t = run_dir.read_table(CORPUS, columns=["pid", "doc_id", "text"])
     queries_t = run_dir.read_table(QUERIES)
     queries_t = queries_t.filter(pc.equal(queries_t.column("split"), cfg.split))
@@ -133,7 +156,7 @@ def run(cfg: EvaluateConfig, run_dir: RunDir) -> dict[str, Any]:
     else:
         parts = [t.candidates for ts in tasks.values() for t in ts if t.candidates is not None]
         needed = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
-    built = build_systems(cfg, label, run_dir, corpus, needed, open_corpus=open_corpus)
+    built = build_systems(cfg, label, run_dir, corpus, needed, open_corpus=open_corpus, students=students)
     depth = max([*cfg.ks, 10, cfg.rerank_top_k, *cfg.exp_util_ks, *cfg.generate_ks])
     rankings = _rank_all(cfg, run_dir, built.systems, built.models, tasks, corpus, depth)
 
@@ -147,8 +170,9 @@ def run(cfg: EvaluateConfig, run_dir: RunDir) -> dict[str, Any]:
     if missing and cfg.label_on_demand:
         log.info("evaluate: labeling %d unlabeled top-%d pairs on demand", len(missing), kmax)
         new = label_missing(label, queries_t, corpus, missing)
-        old = run_dir.read_table(ON_DEMAND) if run_dir.exists(ON_DEMAND) else None
-        run_dir.write_table(ON_DEMAND, pa.concat_tables([old, new]) if old is not None else new)
+        own = f"{cfg.output}/{ON_DEMAND}"
+        old = run_dir.read_table(own) if run_dir.exists(own) else None
+        run_dir.write_table(own, pa.concat_tables([old, new]) if old is not None else new)
         label_info["labeled_on_demand"] = new.num_rows
         label_info["on_demand_skipped"] = len(missing) - new.num_rows
         stored, _ = _labels(cfg, label, run_dir)
@@ -167,7 +191,7 @@ def run(cfg: EvaluateConfig, run_dir: RunDir) -> dict[str, Any]:
                      corpus, len(qids), label_info, skipped_settings,
                      calibration=calib.report if calib is not None else built.skipped.get(
                          "uae", "the student (uae) is not among evaluate.systems"))
-    return {"report": run_dir.path(f"{EVAL}/report.json"), "speedup_vs_llm": {
+    return {"report": run_dir.path(f"{cfg.output}/report.json"), "speedup_vs_llm": {
         s: b.get("speedup_vs_llm") for s, b in report["settings"].items()}, "skipped": built.skipped}
 
 
@@ -192,14 +216,24 @@ def _calibration(cfg: EvaluateConfig, run_dir: RunDir, built: Any, corpus: Corpu
 def _answers(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corpus: Corpus,
              rankings: dict[tuple[str, str], pa.Table], questions: list[str], q_rows: dict[str, int],
              qids: list[str], extra: list[tuple[str, list[str]]]) -> dict[str, str]:
-    """Answers from every system's top-``generate_ks`` contexts and the ``extra`` (qid, pids) contexts."""
+    """Answers from every system's top-``generate_ks`` contexts and the ``extra`` (qid, pids) contexts; those cached
+    in this evaluation's output, or in ``eval/`` under the same generator, prompt and decoding, are not generated
+    again."""
     if not cfg.generate:
         return {}
     gen_q = set(qids[: cfg.generate_max_queries])
+    settings = _answer_settings(cfg, label)
+    own_path = f"{cfg.output}/{ANSWERS}"
+    own: dict[str, str] = {}
     cached: dict[str, str] = {}
-    if run_dir.exists(ANSWERS):
-        t = run_dir.read_table(ANSWERS)
-        cached = dict(zip(t.column("key").to_pylist(), t.column("answer").to_pylist(), strict=True))
+    for path in _caches(cfg, ANSWERS):
+        if not run_dir.exists(path) or (path != own_path and _answers_settings_of(run_dir, path) != settings):
+            continue
+        t = run_dir.read_table(path)
+        rows = dict(zip(t.column("key").to_pylist(), t.column("answer").to_pylist(), strict=True))
+        cached.update(rows)
+        if path == own_path:
+            own = rows
     requests, seen = [], set(cached)
     for t in rankings.values():
         for q, ps in zip(t.column("qid").to_pylist(), t.column("pids").to_pylist(), strict=True):
@@ -217,8 +251,33 @@ def _answers(cfg: EvaluateConfig, label: LabelConfig, run_dir: RunDir, corpus: C
         new = generate_answers(label, corpus, requests, max_new_tokens=cfg.max_new_tokens,
                                dtype=cfg.llm_dtype or label.dtype)
         cached.update(new)
-        run_dir.write_table(ANSWERS, pa.table({"key": list(cached), "answer": list(cached.values())}))
+        own.update(new)
+        run_dir.write_table(own_path, pa.table({"key": list(own), "answer": list(own.values())}))
+        run_dir.write_json(f"{cfg.output}/{ANSWERS_META}", settings)
     return cached
+
+
+def _answer_settings(cfg: EvaluateConfig, label: LabelConfig) -> dict[str, Any]:
+    """What an answer depends on besides its question and passages: generator, prompt, decoding."""
+    from uae_ray.labeling.prompts import prompt_version_for
+
+    return {"generator": label.generator, "prompt_version": prompt_version_for(label),
+            "max_new_tokens": cfg.max_new_tokens, "dtype": cfg.llm_dtype or label.dtype}
+
+
+def _answers_settings_of(run_dir: RunDir, answers: str) -> dict[str, Any] | None:
+    """The settings the cached ``answers`` were generated under: their ``answers.json``, else (written before it
+    existed) the config in that evaluation's report.json; None when neither says."""
+    directory = answers.rsplit("/", 1)[0]
+    if run_dir.exists(f"{directory}/{ANSWERS_META}"):
+        return run_dir.read_json(f"{directory}/{ANSWERS_META}")
+    if not run_dir.exists(f"{directory}/report.json"):
+        return None
+    try:
+        other = EvaluateConfig.model_validate(run_dir.read_json(f"{directory}/report.json").get("config") or {})
+    except ValueError:  # a config of another uae-ray version: not comparable
+        return None
+    return _answer_settings(other, other.label or LabelConfig())
 
 
 def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str], pa.Table],
@@ -263,7 +322,8 @@ def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str]
                 n: _system_block([r for q, r in per_q[n].items() if q in shared], names, gen_cols,
                                  [lat[n][q] for q in shared]) for n in per_q}}
         # paired differences with 95% bootstrap intervals and randomization-test p-values, on shared queries
-        block["comparisons"] = compare_systems(per_q, metrics=[m for m in COMPARED_METRICS if m in names])
+        block["comparisons"] = compare_systems(per_q, metrics=[m for m in COMPARED_METRICS if m in names],
+                                               references=cfg.compare_to)
         block["speedup_vs_llm"] = speedups(block.get("llm_subset", block))
         # the base encoder has the student's architecture and cost: its ratio stands in when no student exists
         block["speedup_base_vs_llm"] = speedups(block.get("llm_subset", block), student="base")
@@ -281,7 +341,7 @@ def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str]
         "comparison_method": {"interval": f"{int(100 * CONFIDENCE)}% paired bootstrap (scipy.stats.bootstrap, "
                               f"percentile, {N_RESAMPLES} resamples of queries)",
                               "p_value": f"two-sided paired randomization test (scipy.stats.permutation_test, sign "
-                              f"flips, {N_RESAMPLES} resamples)", "references": list(REFERENCES)},
+                              f"flips, {N_RESAMPLES} resamples)", "references": list(cfg.compare_to)},
         "calibration": {"skipped": calibration} if isinstance(calibration, str) else calibration,
     }
     if settings:  # drawn locally, then written into the run dir atomically (a local path or an object store)
@@ -294,11 +354,11 @@ def _report(cfg: EvaluateConfig, run_dir: RunDir, rankings: dict[tuple[str, str]
             if report["calibration"].get("deciles"):
                 drawn.append(plots.calibration_deciles(report["calibration"], out / "calibration.png"))
             for png in drawn:
-                run_dir.write_bytes(f"{EVAL}/{png.name}", png.read_bytes())
+                run_dir.write_bytes(f"{cfg.output}/{png.name}", png.read_bytes())
             report["plots"] = [png.name for png in drawn]
-    run_dir.write_json(f"{EVAL}/report.json", report)
+    run_dir.write_json(f"{cfg.output}/report.json", report)
     md = render_markdown(report)
-    run_dir.write_text(f"{EVAL}/report.md", md)
+    run_dir.write_text(f"{cfg.output}/report.md", md)
     print(md)
     return report
 

@@ -6,16 +6,20 @@ actually used, ``max_model_len``, ``max_passage_tokens``, answer aggregate, prom
 append-only cache; the stage's product is the *current view* built from it.
 
 Sequence:
-1. pairs = candidates.parquet of the configured splits, joined with their passage text (errors name missing ids),
-   each with its baseline and pair fingerprints;
-2. pairs whose fingerprint is in ``label_cache/`` (labeled or skipped, by any earlier run) are reused;
+1. pairs = candidates.parquet of the configured splits, within the LLM budget (``max_docs_per_split``: the pools of
+   the first N documents of each split, :func:`budget_mask`), joined with their passage text (errors name missing
+   ids), each with its baseline and pair fingerprints;
+2. pairs whose fingerprint is in ``label_cache/`` (labeled or skipped, by any earlier run) are reused; then those
+   whose fingerprint is in the ``label_cache/`` of a ``reuse_from`` run dir (read only), whose rows are copied into
+   this run dir's ``label_cache/`` as new parts first (the run dir stays self-contained);
 3. the no-passage terms the pending pairs need and ``label_baseline/`` lacks (once per question + answers);
 4. pending pairs (one per fingerprint, sorted by length) -> ``map_batches(LabelPairsBatch)`` on an actor pool; the
    driver writes the output ``rows_per_part`` rows at a time as atomic parts
    ``label_cache/part-<writer id>-NNNNNN.parquet`` (the writer id is unique per run, so writers never collide);
 5. the current view: ``utilities/`` (one row per labeled current (qid, pid)) and ``utilities_skipped/`` (one per
    skipped pair, with the reason), each committed atomically;
-6. ``label_report.json``: pairs, reused / new pairs, orphaned cache rows, skips, pairs/s, tokens/s.
+6. ``label_report.json``: pairs, reused / new pairs (and those reused from other run dirs), the budget (documents,
+   queries, pairs per split in it and in all), orphaned cache rows, skips, pairs/s, tokens/s.
 
 A setting that does not change the numbers (actor pool, batch sizes, ``rows_per_part``, splits) relabels nothing;
 one that does makes new fingerprints, so every pair it touches is labeled again and never mixed with the old rows.
@@ -28,10 +32,13 @@ import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from uae_ray.config import LabelConfig
@@ -57,6 +64,7 @@ from uae_ray.labeling.prompts import prompt_version_for
 from uae_ray.labeling.scorers import SKIP_INFERENCE_ERROR
 from uae_ray.models.registry import resolve_dtype
 from uae_ray.runtime import RunDir, split_blocks
+from uae_ray.storage import display_uri, resolve_uri
 
 log = logging.getLogger("uae_ray")
 _PART = re.compile(r"^part-[A-Za-z0-9-]+\.parquet$")
@@ -79,12 +87,78 @@ class PartWriter:
         self.n += 1
 
 
+def _part_names(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Base names of the parts in directory ``path`` (none when it does not exist)."""
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if _PART.match(i.base_name))
+
+
+def _read_parts_at(fs: pafs.FileSystem, path: str, schema: pa.Schema, fingerprints: Iterable[str] | None = None
+                   ) -> pa.Table:
+    """Every part in directory ``path`` as one table in ``schema``, optionally only the rows of ``fingerprints``."""
+    if not _part_names(fs, path):
+        return schema.empty_table()
+    where = None if fingerprints is None else pc.field("fingerprint").isin(pa.array(list(fingerprints), pa.string()))
+    return pq.read_table(path, filesystem=fs, schema=schema, filters=where)  # dot files (temps) are skipped
+
+
 def read_parts(run_dir: RunDir, name: str, schema: pa.Schema) -> pa.Table:
     """Every part in directory ``name`` as one table in ``schema`` (empty when there is none)."""
-    parts = [p for p in run_dir.listdir(name) if _PART.match(p)]
-    if not parts:
-        return schema.empty_table()
-    return pq.read_table(run_dir.path(name), filesystem=run_dir.fs, schema=schema)  # dot files (temps) are skipped
+    return _read_parts_at(run_dir.fs, run_dir.path(name), schema)
+
+
+def other_uri(uri: str, like: RunDir | None = None) -> str:
+    """``reuse_from`` entry ``uri`` resolved as :class:`RunDir` resolves a run dir; an object-store URI takes the store
+    location (endpoint, region, addressing) of run dir ``like`` on the same scheme where it names none itself."""
+    text = resolve_uri(uri)
+    scheme = text.split("://", 1)[0] if "://" in text else None
+    if like is None or scheme is None or not like.uri.startswith(f"{scheme}://"):
+        return text
+    parts = urlsplit(text)
+    own = dict(parse_qsl(urlsplit(uri).query))  # options written in the entry win, then this run dir's, then the env
+    query = dict(parse_qsl(parts.query)) | dict(parse_qsl(urlsplit(like.uri).query)) | own
+    return urlunsplit(parts._replace(query=urlencode(sorted(query.items()))))
+
+
+def other_cache(uri: str, like: RunDir | None = None) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path of its ``label_cache/``, display name) of the ``reuse_from`` run dir ``uri`` (a path or a
+    URI, as :class:`RunDir` takes it; see :func:`other_uri`), opened read only: unlike ``RunDir(uri)`` this creates
+    nothing there.
+
+    Raises:
+        FileNotFoundError: naming ``uri`` when the run dir does not exist or its ``label_cache/`` holds no part.
+    """
+    text = other_uri(uri, like)
+    shown = display_uri(text)
+    try:
+        fs, root = (pafs.LocalFileSystem(), text) if "://" not in text else pafs.FileSystem.from_uri(text)
+        root_type = fs.get_file_info(root).type
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"label.reuse_from: cannot open run dir {shown!r}: {e}") from e
+    if root_type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"label.reuse_from: run dir {shown!r} does not exist")
+    path = f"{root.rstrip('/')}/{LABEL_CACHE}"
+    if not _part_names(fs, path):
+        raise FileNotFoundError(f"label.reuse_from: run dir {shown!r} has no labels in {LABEL_CACHE}/ (run label "
+                                "there first, or drop it from reuse_from)")
+    return fs, path, shown
+
+
+def read_other_cache(uri: str, fingerprints: Iterable[str] | None = None, like: RunDir | None = None) -> pa.Table:
+    """The ``label_cache/`` rows of another run dir (all, or those of ``fingerprints``), read the way this run dir's
+    own cache is read; nothing there is written or leased. Errors as :func:`other_cache`."""
+    fs, path, _ = other_cache(uri, like)
+    return _read_parts_at(fs, path, LABEL_CACHE_SCHEMA, fingerprints)
+
+
+def other_run_dirs(run_dir: RunDir, uris: Sequence[str]) -> list[str]:
+    """The ``reuse_from`` entries that name another run dir than ``run_dir`` (this one's own cache is read anyway),
+    each checked (:func:`other_cache`): a wrong entry fails before anything is read, written or started."""
+    out = [u for u in dict.fromkeys(uris) if display_uri(other_uri(u, run_dir)) != run_dir.display]
+    for uri in out:
+        other_cache(uri, run_dir)
+    return out
 
 
 def first_index(fingerprints: list[str]) -> dict[str, int]:
@@ -95,23 +169,79 @@ def first_index(fingerprints: list[str]) -> dict[str, int]:
     return out
 
 
-def select_pairs(run_dir: RunDir, cfg: LabelConfig) -> tuple[pa.Table, pa.Table]:
-    """(queries of cfg.splits, pairs qid/pid/text of their candidates); errors name the missing qid / pid."""
+def budget_mask(queries: pa.Table, corpus_doc_ids: Sequence[str], cfg: LabelConfig) -> pa.BooleanArray:
+    """Which rows of ``queries`` (doc_id, split) are in the LLM budget: those whose document is among the first
+    ``cfg.doc_cap(split)`` documents of their split (every row when the split has no cap).
+
+    Documents are counted in prepare's order (the order its own ``max_docs_per_split`` admits them in): their first
+    appearance in ``corpus_doc_ids`` (corpus.parquet's doc_id column, written in input order), documents with no
+    passage after those, by first appearance in ``queries``. Only documents with a query of the split count (a
+    document without questions has no pool to label).
+    """
+    rank = {d: i for i, d in enumerate(dict.fromkeys(corpus_doc_ids))}
+    docs, splits = queries["doc_id"].to_pylist(), queries["split"].to_pylist()
+    per_split: dict[str, dict[str, None]] = {}  # split -> its documents, in first-appearance order of the queries
+    for d, s in zip(docs, splits, strict=True):
+        per_split.setdefault(s, {})[d] = None
+    kept: set[tuple[str, str]] = set()
+    for split, split_docs in per_split.items():
+        keys = [rank.get(d, len(rank) + i) for i, d in enumerate(split_docs)]  # distinct: no ties
+        order = [d for _, d in sorted(zip(keys, split_docs, strict=True))]
+        cap = cfg.doc_cap(split)
+        kept.update((split, d) for d in (order if cap is None else order[:cap]))
+    return pa.array([(s, d) in kept for d, s in zip(docs, splits, strict=True)], pa.bool_())
+
+
+def _budget_report(cfg: LabelConfig, queries: pa.Table, keep: pa.BooleanArray, cand_qids: list[str]
+                   ) -> dict[str, Any]:
+    """The budget as configured and, per split, the documents, queries and pairs in it and in all."""
+    qids, docs, splits = (queries[c].to_pylist() for c in ("qid", "doc_id", "split"))
+    kept = keep.to_pylist()
+    split_of, in_budget = dict(zip(qids, splits, strict=True)), dict(zip(qids, kept, strict=True))
+    docs_in: dict[str, set[str]] = {s: set() for s in splits}
+    docs_all: dict[str, set[str]] = {s: set() for s in splits}
+    queries_in, queries_all, pairs_in, pairs_all = Counter[str](), Counter[str](), Counter[str](), Counter[str]()
+    for d, s, k in zip(docs, splits, kept, strict=True):
+        docs_all[s].add(d)
+        queries_all[s] += 1
+        if k:
+            docs_in[s].add(d)
+            queries_in[s] += 1
+    for q in cand_qids:
+        if q in split_of:
+            pairs_all[split_of[q]] += 1
+            pairs_in[split_of[q]] += in_budget[q]
+    max_docs = cfg.max_docs_per_split
+    return {
+        "max_docs_per_split": dict(max_docs) if isinstance(max_docs, dict) else max_docs,
+        "splits": {s: {"documents": len(docs_in[s]), "documents_total": len(docs_all[s]),
+                       "queries": queries_in[s], "queries_total": queries_all[s],
+                       "pairs": pairs_in[s], "pairs_total": pairs_all[s]} for s in sorted(docs_all)},
+    }
+
+
+def select_pairs(run_dir: RunDir, cfg: LabelConfig) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """(queries of cfg.splits in the budget, pairs qid/pid/text of their candidates, the budget report); errors name
+    the missing qid / pid."""
     queries = run_dir.read_table(QUERIES)
+    known = set(queries["qid"].to_pylist())
     queries = queries.filter(pc.is_in(queries["split"], pa.array(cfg.splits)))
     cands = run_dir.read_table(CANDIDATES, columns=["qid", "pid"])
-    known = set(run_dir.read_table(QUERIES, columns=["qid"])["qid"].to_pylist())
-    stray = next((q for q in cands["qid"].to_pylist() if q not in known), None)
+    cand_qids = cands["qid"].to_pylist()
+    stray = next((q for q in cand_qids if q not in known), None)
     if stray is not None:
         raise ValueError(f"{run_dir.path(CANDIDATES)}: qid {stray!r} is not in {QUERIES}: re-run mine")
+    corpus = run_dir.read_table(CORPUS, columns=["pid", "doc_id", "text"])
+    keep = budget_mask(queries, corpus["doc_id"].to_pylist(), cfg)
+    budget = _budget_report(cfg, queries, keep, cand_qids)
+    queries = queries.filter(keep)
     cands = cands.filter(pc.is_in(cands["qid"], queries["qid"]))
-    corpus = run_dir.read_table(CORPUS, columns=["pid", "text"])
     pid_row = {p: i for i, p in enumerate(corpus["pid"].to_pylist())}
     missing = next((p for p in cands["pid"].to_pylist() if p not in pid_row), None)
     if missing is not None:
         raise ValueError(f"{run_dir.path(CANDIDATES)}: pid {missing!r} is not in {CORPUS}: re-run mine")
     text = corpus["text"].take(pa.array([pid_row[p] for p in cands["pid"].to_pylist()], pa.int64()))
-    return queries, cands.append_column("text", text)
+    return queries, cands.append_column("text", text), budget
 
 
 def _ensure_baseline(
@@ -177,9 +307,10 @@ def _map_on_actor_pool(table: pa.Table, udf: type, cfg: LabelConfig, n_blocks: i
 
 
 def _label_pending(
-    run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, pending: pa.Table, ctx: dict[str, str]
+    run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, pending: pa.Table, ctx: dict[str, str], parts: PartWriter
 ) -> tuple[list[pa.Table], dict[str, Any]]:
-    """Label the ``pending`` pairs (one per fingerprint) into new cache parts; (new tables, this run's counts)."""
+    """Label the ``pending`` pairs (one per fingerprint) into new cache parts written by ``parts``; (new tables, this
+    run's counts)."""
     stats: dict[str, Any] = {"labeled": 0, "skipped": Counter(), "duplicates_dropped": 0, "tokens": 0,
                              "baseline": {"needed": 0, "reused": 0, "new": 0}}
     if not pending.num_rows:
@@ -205,7 +336,6 @@ def _label_pending(
         n_blocks = max(1, min(rows.num_rows // cfg.rows_per_batch + 1, cfg.pool.max_size * 8))
         ds = _map_on_actor_pool(rows, LabelPairsBatch, cfg, n_blocks, ctx)
         chunks = ((c, {}) for c in ds.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow"))
-    parts = PartWriter(run_dir, LABEL_CACHE, ctx["writer"])
     written: set[str] = set()
     new: list[pa.Table] = []
     t0 = time.perf_counter()
@@ -265,12 +395,41 @@ def write_view(run_dir: RunDir, pairs: pa.Table, cache: pa.Table) -> tuple[pa.Ta
     return labeled, skipped, pairs.num_rows - cur.num_rows
 
 
+def reuse_other_caches(
+    run_dir: RunDir, uris: Sequence[str], missing: Sequence[str], parts: PartWriter, rows_per_part: int
+) -> tuple[pa.Table, dict[str, set[str]]]:
+    """The cache rows of the fingerprints ``missing`` (wanted, not in this run dir's cache) that the other run dirs
+    ``uris`` hold (:func:`other_run_dirs`), the first dir that has one winning, copied into this run dir's
+    ``label_cache/`` by ``parts``, so the run dir stays self-contained when the other one goes. Returns (the copied
+    rows, {dir: the fingerprints taken from it})."""
+    wanted = list(dict.fromkeys(missing))
+    taken: dict[str, set[str]] = {}
+    tables: list[pa.Table] = []
+    for uri in uris:
+        shown = display_uri(other_uri(uri, run_dir))
+        taken[shown] = set()
+        if not wanted:
+            continue
+        other = read_other_cache(uri, wanted, run_dir)
+        index = first_index(other["fingerprint"].to_pylist())  # one row per fingerprint, as in this run dir's cache
+        rows = other.take(pa.array(list(index.values()), pa.int64()))
+        for i in range(0, rows.num_rows, rows_per_part):
+            parts.write(rows.slice(i, rows_per_part))
+        if rows.num_rows:
+            tables.append(rows)
+            taken[shown].update(index)
+            log.info("label: %d cached label(s) copied from %s", rows.num_rows, shown)
+        wanted = [fp for fp in wanted if fp not in index]
+    return (pa.concat_tables(tables) if tables else LABEL_CACHE_SCHEMA.empty_table()), taken
+
+
 def run(cfg: LabelConfig, run_dir: RunDir) -> dict[str, Any]:
     """Label every pair whose fingerprint is new, reuse the rest, write the current view; returns the report."""
+    others = other_run_dirs(run_dir, cfg.reuse_from)  # a wrong entry fails here, before any work
     dtype = resolve_dtype(cfg.dtype, label_device(cfg))
     ctx = {"settings": settings_key(cfg, dtype), "version": prompt_version_for(cfg), "writer": new_writer_id(),
            "dtype": dtype}
-    queries, pairs = select_pairs(run_dir, cfg)
+    queries, pairs, budget = select_pairs(run_dir, cfg)
     pairs = attach_fingerprints(pairs, queries, aggregate=cfg.answer_aggregate, settings=ctx["settings"])
     for name in (LABEL_CACHE, LABEL_BASELINE, UTILITIES, LABEL_SKIPPED):  # a killed run can leave its temp parts
         if removed := run_dir.remove_stale_temps(name):
@@ -282,6 +441,12 @@ def run(cfg: LabelConfig, run_dir: RunDir) -> dict[str, Any]:
     cache = read_parts(run_dir, LABEL_CACHE, LABEL_CACHE_SCHEMA)
     cached = first_index(cache["fingerprint"].to_pylist())
     fps = pairs["fingerprint"].to_pylist()
+    cache_parts = PartWriter(run_dir, LABEL_CACHE, ctx["writer"])  # one writer: copied and new parts never collide
+    copied, taken = reuse_other_caches(run_dir, others, [fp for fp in fps if fp not in cached], cache_parts,
+                                       cfg.rows_per_part)
+    if copied.num_rows:
+        cache = pa.concat_tables([cache, copied])
+        cached = first_index(cache["fingerprint"].to_pylist())
     seen: set[str] = set()
     todo = []
     for fp in fps:  # one label per fingerprint: pairs with the same content share it
@@ -289,13 +454,15 @@ def run(cfg: LabelConfig, run_dir: RunDir) -> dict[str, Any]:
         seen.add(fp)
     pending = pairs.filter(pa.array(todo, pa.bool_()))
     reused = sum(fp in cached for fp in fps)
-    log.info("label: %d pairs (%d distinct contents), %d reused from %s, %d to label", pairs.num_rows, len(seen),
-             reused, LABEL_CACHE, pending.num_rows)
+    from_others = {d: sum(fp in got for fp in fps) for d, got in taken.items()}
+    log.info("label: %d pairs (%d distinct contents), %d reused from %s (%d of them from other run dirs), %d to "
+             "label", pairs.num_rows, len(seen), reused, LABEL_CACHE, sum(from_others.values()), pending.num_rows)
     t0 = time.perf_counter()
-    new, stats = _label_pending(run_dir, cfg, queries, pending, ctx)
+    new, stats = _label_pending(run_dir, cfg, queries, pending, ctx, cache_parts)
     elapsed = time.perf_counter() - t0
     cache = pa.concat_tables([cache, *new])
     labeled, skipped, unaccounted = write_view(run_dir, pairs, cache)
+    stats["budget"], stats["reused_from_other_run_dirs"] = budget, from_others
     return _report(run_dir, cfg, ctx, pairs, cache, labeled, skipped, unaccounted, reused, stats, elapsed)
 
 
@@ -320,8 +487,10 @@ def _report(
         "labeled": labeled.num_rows,
         "skipped": dict(Counter(skipped["reason"].to_pylist())),
         "unaccounted": unaccounted,
-        "reused": reused,  # pairs whose label (or skip) was in the cache before this run
+        "reused": reused,  # pairs whose label (or skip) was in the cache before this run, or in a reuse_from one
+        "reused_from_other_run_dirs": stats["reused_from_other_run_dirs"],  # {reuse_from dir: pairs taken from it}
         "new": pairs.num_rows - reused - unaccounted,  # pairs labeled (or skipped) by this run
+        "budget": stats["budget"],  # max_docs_per_split, and per split documents/queries/pairs in it vs in total
         "cache": {
             "rows": len(cache_fp),
             "orphaned": len(orphaned),  # cache rows no current pair uses (old text, answers or settings)

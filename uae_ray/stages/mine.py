@@ -133,6 +133,7 @@ def run(cfg: MineConfig, run_dir: RunDir) -> dict[str, Any]:
     pools: list[Pool | None] = [None] * len(qids)
     dense_gold_hits = 0
     n_gold = 0
+    without_insertion = 0
     for g, members in groups.items():
         rows = allowed[g]
         if rows.size == 0:
@@ -151,7 +152,11 @@ def run(cfg: MineConfig, run_dir: RunDir) -> dict[str, Any]:
             golds = gold_rows[qi]
             n_gold += len(golds)
             dense_gold_hits += len(set(golds) & set(pool.rows.tolist()))
-            pools[qi] = ensure_gold(pool, golds, [float(p_vecs[r] @ q_vecs[qi]) for r in golds])
+            if q_splits[qi] in cfg.insert_gold:
+                pools[qi] = ensure_gold(pool, golds, [float(p_vecs[r] @ q_vecs[qi]) for r in golds])
+            else:  # the pool as the encoder retrieved it: no passage annotation goes into it
+                pools[qi] = pool
+                without_insertion += 1
     kept = [i for i, p in enumerate(pools) if p is not None]
     cosine = [p_vecs[pools[i].rows] @ q_vecs[i] for i in kept]  # type: ignore[union-attr]
     table = pools_to_table([qids[i] for i in kept], [pools[i] for i in kept], pids, cosine,  # type: ignore[misc]
@@ -172,6 +177,8 @@ def run(cfg: MineConfig, run_dir: RunDir) -> dict[str, Any]:
         "skipped": dict(skipped),
         "pairs": table.num_rows,
         "mean_pool_size": round(float(sizes.mean()), 2),
+        "insert_gold": list(cfg.insert_gold),
+        "pools_without_gold_insertion": without_insertion,  # pools of splits not in insert_gold
         "gold_pairs": int(pc.sum(table["is_gold"]).as_py() or 0),
         "gold_recall_before_insertion": round(dense_gold_hits / n_gold, 4) if n_gold else None,
         "gold_at_rank0": round(gold_first / max(1, len(kept)), 4),

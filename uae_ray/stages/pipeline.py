@@ -47,7 +47,7 @@ from pydantic_core import to_jsonable_python
 from uae_ray.config import ActorPool, StageConfig, run_dir_name_problem
 from uae_ray.data import schema as S
 from uae_ray.runtime import RunDir
-from uae_ray.stages.registry import STAGES, STEPS, PipelineConfig, Stage, with_label
+from uae_ray.stages.registry import STAGES, STEPS, PipelineConfig, Stage, own_step_name, with_label
 
 log = logging.getLogger("uae_ray")
 MARKERS = "pipeline"
@@ -82,8 +82,9 @@ class Step:
 
 
 def plan(cfg: PipelineConfig) -> list[Step]:  # type: ignore[valid-type]
-    """The steps of ``cfg`` in order (a null optional section drops its step). Evaluate gets the label section's
-    generator and prompt unless its own ``label`` is set."""
+    """The steps of ``cfg`` in order (a null optional section drops its step; an evaluate writing elsewhere than
+    ``eval`` is the step ``evaluate-<output>``). Evaluate gets the label section's generator and prompt unless its own
+    ``label`` is set."""
     present = [spec for spec in STEPS if getattr(cfg, spec.field) is not None]
     names = {spec.name for spec in present}
     steps = []
@@ -91,7 +92,8 @@ def plan(cfg: PipelineConfig) -> list[Step]:  # type: ignore[valid-type]
         config = getattr(cfg, spec.field)
         if spec.stage == "evaluate":
             config = with_label(config, cfg.label)
-        steps.append(Step(spec.name, STAGES[spec.stage], config, tuple(u for u in spec.upstream if u in names)))
+        steps.append(Step(spec.name_for(config), STAGES[spec.stage], config,
+                          tuple(u for u in spec.upstream if u in names)))
     return steps
 
 
@@ -121,8 +123,9 @@ def config_changes(stored: Any, config: BaseModel, prefix: str = "") -> list[str
 # ------------------------------------------------------------------------------------------ inputs no marker covers
 def source_fingerprint(step: Step, run_dir: RunDir) -> str | None:
     """Fingerprint of what ``step`` reads that no upstream marker stands for: prepare's input files
-    (:func:`uae_ray.stages.prepare.input_stamps`), the teacher scores mine mixes in (``reward_weight`` > 0). None:
-    nothing such."""
+    (:func:`uae_ray.stages.prepare.input_stamps`), the teacher scores mine mixes in (``reward_weight`` > 0), the
+    models of evaluate's extra ``students`` (a ``run:<dir>``'s commit marker, a local directory's files: retrained
+    by a step outside this pipeline or by another run). None: nothing such."""
     cfg: Any = step.config
     parts: list[Any] = []
     if step.stage.name == "prepare":
@@ -132,6 +135,15 @@ def source_fingerprint(step: Step, run_dir: RunDir) -> str | None:
     elif step.stage.name == "mine" and cfg.reward_weight > 0:
         info = run_dir.fs.get_file_info(run_dir.path(S.TEACHER_SCORES))
         parts = [S.TEACHER_SCORES, info.size, info.mtime_ns]
+    elif step.stage.name == "evaluate":
+        from uae_ray.index.source import encoder_fingerprint
+
+        for name, spec in sorted(cfg.students.items()):
+            if spec.startswith("run:"):
+                info = run_dir.fs.get_file_info(run_dir.path(f"{spec.removeprefix('run:')}/_SUCCESS"))
+                parts.append([name, spec, info.size, info.mtime_ns])
+            elif Path(spec).expanduser().is_dir():
+                parts.append([name, spec, encoder_fingerprint(str(Path(spec).expanduser()))])
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16] if parts else None
 
 
@@ -250,7 +262,9 @@ def step_for(stage: str, config: StageConfig, run_dir: RunDir) -> Step:
 
     A stage with several steps (train-encoder: the student and its ablation) is the step whose marker lists the
     same outputs, else the one whose default config writes them, else a step of its own named after its first
-    output (``train-encoder-<output>``, upstream as the stage's first step)."""
+    output (``train-encoder-<output>``, upstream as the stage's first step). A single step is named as in a
+    pipeline (:meth:`~uae_ray.stages.registry.StepSpec.name_for`: ``evaluate-<output>`` for a second
+    evaluation)."""
     st = STAGES[stage]
     specs = [s for s in STEPS if s.stage == stage]
     if not specs or not st.writes:
@@ -264,8 +278,9 @@ def step_for(stage: str, config: StageConfig, run_dir: RunDir) -> Step:
         if by_marker or by_default:
             spec = (by_marker or by_default)[0]
         else:
-            return Step(f"{stage}-{outputs[0].replace('/', '_')}", st, config, spec.upstream)
-    return Step(spec.name, st, config, spec.upstream)
+            return Step(own_step_name(stage, outputs), st, config, spec.upstream)
+        return Step(spec.name, st, config, spec.upstream)
+    return Step(spec.name_for(config), st, config, spec.upstream)
 
 
 def run_stage(stage: str, config: StageConfig, run_dir: RunDir, *, force: bool = False,
@@ -292,7 +307,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir, until: str | None = None,  # type:
 
     Returns:
         {step: {"state": new|stale|resume|current, "seconds": ..., "summary": stage summary}}; the evaluation's
-        result table is printed (and is ``eval/report.md``).
+        result table is printed (and is ``<evaluate.output>/report.md``).
     """
     steps = plan(cfg)
     if until is not None and until not in {s.cli_stage for s in steps}:
@@ -312,6 +327,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir, until: str | None = None,  # type:
         last_of_stage = i + 1 == len(steps) or steps[i + 1].cli_stage != step.cli_stage
         if until is not None and step.cli_stage == until and last_of_stage:
             break
-    if "evaluate" in result and run_dir.exists(f"{S.EVAL}/report.md") and result["evaluate"]["state"] == "current":
-        print(run_dir.read_text(f"{S.EVAL}/report.md"))  # a fresh evaluate printed it already
+    for step in steps:  # a current evaluation's result table (a fresh one printed it already)
+        if step.cli_stage != "evaluate" or result.get(step.name, {}).get("state") != "current":
+            continue
+        ev: Any = step.config
+        if run_dir.exists(f"{ev.output}/report.md"):
+            print(run_dir.read_text(f"{ev.output}/report.md"))
     return result

@@ -5,7 +5,8 @@ A :class:`Stage` is a subcommand: its module in :mod:`uae_ray.stages` (``run(cfg
 the run-directory entries it reads (checked before Ray starts) and writes. A :class:`StepSpec` is a step of
 ``uae-ray run`` (and the marker ``pipeline/<step>.json`` a standalone stage shares with it): the stage it runs, the
 section of the config file that configures it and the steps whose outputs it reads. Two steps run ``train-encoder``:
-the UAE student and the gold-only InfoNCE ablation.
+the UAE student and the gold-only InfoNCE ablation. An evaluate step writing elsewhere than ``eval`` (a second
+evaluation of the run dir) is a step of its own, ``evaluate-<output>`` (:meth:`StepSpec.name_for`).
 
 Input and output names ending in ``/`` are directories that are complete only with their ``_SUCCESS`` marker
 (models, the index).
@@ -63,10 +64,27 @@ class StepSpec:
     upstream: tuple[str, ...]  # steps whose outputs it reads (those absent from a pipeline are left out)
     default: StageConfig | None  # the section's default; None: the section is required
     optional: bool = False  # the section may be null (the step is then dropped)
+    # a config writing elsewhere than the default's is a step of its own (marker), `<name>-<output>`
+    named_by_output: bool = False
 
     @property
     def field(self) -> str:
         return self.name.replace("-", "_")
+
+    def name_for(self, config: StageConfig) -> str:
+        """The step's name (its marker ``pipeline/<name>.json``) for ``config``: :attr:`name`, or for a step
+        :attr:`named_by_output` whose config writes elsewhere than the default, ``<name>-<output>``
+        (``evaluate-eval_fulldev``: a second evaluation never shares the main one's marker)."""
+        outputs = [o.rstrip("/") for o in STAGES[self.stage].outputs(config)]
+        if not self.named_by_output or self.default is None or outputs == [
+                o.rstrip("/") for o in STAGES[self.stage].outputs(self.default)]:
+            return self.name
+        return own_step_name(self.name, outputs)
+
+
+def own_step_name(stage: str, outputs: list[str]) -> str:
+    """The name of a step of its own for a config writing ``outputs``: ``<stage>-<first output>``."""
+    return f"{stage}-{outputs[0].replace('/', '_')}"
 
 
 def _encoder_outputs(cfg: TrainEncoderConfig) -> tuple[str, ...]:
@@ -76,14 +94,23 @@ def _encoder_outputs(cfg: TrainEncoderConfig) -> tuple[str, ...]:
 
 def _encoder_inputs(cfg: TrainEncoderConfig) -> tuple[str, ...]:
     base = (S.QUERIES, S.CORPUS, S.CANDIDATES)
-    if cfg.loss == "infonce":  # the gold-only ablation reads no teacher
+    if not cfg.needs_teacher:  # the gold-only ablation and answer-match distant supervision read no teacher
         return base
     return (*base, S.TEACHER_SCORES if cfg.teacher == "reward_model" else S.UTILITIES)
 
 
+def _run_models(*specs: str) -> tuple[str, ...]:
+    """The run-dir model directories (``<dir>/``) of the ``run:<dir>`` model specs among ``specs``."""
+    return tuple(f"{spec.removeprefix('run:')}/" for spec in specs if spec.startswith("run:"))
+
+
 def _index_inputs(cfg: IndexConfig) -> tuple[str, ...]:
-    model = cfg.encoder.removeprefix("run:") + "/" if cfg.encoder.startswith("run:") else None
-    return (S.CORPUS, *([model] if model else []))
+    return (S.CORPUS, *_run_models(cfg.encoder))
+
+
+def _evaluate_inputs(cfg: EvaluateConfig) -> tuple[str, ...]:
+    # the built-in systems' models are optional (a missing one is skipped, with the reason); the extra students not
+    return (S.CORPUS, S.QUERIES, *_run_models(*cfg.students.values()))
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -106,8 +133,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     # stale index step never removes the version an app may still be serving
     Stage("index", "index", IndexConfig, inputs=_index_inputs, outputs=lambda c: (f"{S.INDEX}/",),
           keep=(f"{S.INDEX}/",)),
-    Stage("evaluate", "evaluate", EvaluateConfig, inputs=lambda c: (S.CORPUS, S.QUERIES),
-          outputs=lambda c: (S.EVAL,)),
+    Stage("evaluate", "evaluate", EvaluateConfig, inputs=_evaluate_inputs, outputs=lambda c: (c.output,)),
     Stage("serve", "serve", ServeConfig, inputs=lambda c: (f"{S.INDEX}/",), outputs=lambda c: (), writes=False),
 )}
 
@@ -120,9 +146,10 @@ STEPS: tuple[StepSpec, ...] = (
     StepSpec("train-encoder", "train-encoder", ("score-reward",), TrainEncoderConfig()),
     StepSpec("train-encoder-ablation", "train-encoder", ("mine",),
              TrainEncoderConfig(loss="infonce", output=S.ENCODER_INFONCE), optional=True),
-    StepSpec("index", "index", ("train-encoder", "prepare"), IndexConfig()),
+    # optional: without it, evaluate's open setting scores every passage exactly with each dense system's vectors
+    StepSpec("index", "index", ("train-encoder", "prepare"), IndexConfig(), optional=True),
     StepSpec("evaluate", "evaluate", ("train-encoder", "score-reward", "label", "train-encoder-ablation", "index"),
-             EvaluateConfig()),
+             EvaluateConfig(), named_by_output=True),
 )
 STEP_SPECS: dict[str, StepSpec] = {s.name: s for s in STEPS}
 
@@ -149,9 +176,9 @@ class _PipelineBase(StageConfig):
             cfg = getattr(self, spec.field)
             if cfg is None:
                 continue
-            for out in STAGES[spec.stage].outputs(cfg):
+            for out in (o.rstrip("/") for o in STAGES[spec.stage].outputs(cfg)):
                 if out in seen:
-                    raise ValueError(f"{spec.name} and {seen[out]} both write {out.rstrip('/')!r}: "
+                    raise ValueError(f"{spec.name} and {seen[out]} both write {out!r}: "
                                      f"{spec.name}.output must differ from {seen[out]}.output")
                 seen[out] = spec.name
         return self

@@ -15,7 +15,6 @@ from typing import Any
 from uae_ray.config import TrainEncoderConfig
 from uae_ray.data.schema import TEACHER_SCORES, UTILITIES
 from uae_ray.eval.calibrate import calibrate_encoder
-from uae_ray.losses import EncoderLoss
 from uae_ray.runtime import RunDir, ensure_ray
 from uae_ray.training.dataset import TRAIN_DATA, build_encoder_data, train_datasets
 from uae_ray.training.loop import encoder_train_loop, loop_config, make_trainer
@@ -46,16 +45,15 @@ def trainer_inputs(cfg: TrainEncoderConfig, run_dir: RunDir) -> tuple[dict[str, 
     """Build the examples with Ray Data into the run directory; return the trainer's (train_loop_config, datasets)
     and the example counts. The loop config carries no example: the workers read them from the datasets."""
     # the gold-only ablation is the plain supervised baseline: no teacher anywhere (negatives by base similarity)
-    needs_teacher = EncoderLoss(cfg.loss) is not EncoderLoss.INFONCE
-    teacher = teacher_source(cfg, run_dir) if needs_teacher else None
+    teacher = teacher_source(cfg, run_dir) if cfg.needs_teacher else None
     ensure_ray()
     data = build_encoder_data(run_dir, f"{TRAIN_DATA}/{cfg.output}", teacher=teacher,
                               n_hard_negatives=cfg.n_hard_negatives, useful_quantile=cfg.useful_quantile,
-                              splits=tuple(cfg.splits))
+                              splits=tuple(cfg.splits), positives=cfg.positives)
     counts = {**data.counts, "examples": data.n_examples}
     if not data.n_examples:
-        raise ValueError(f"{run_dir.uri}: no training query of splits {cfg.splits} has a gold passage and a pool "
-                         f"(counts: {counts})")
+        raise ValueError(f"{run_dir.uri}: no training query of splits {cfg.splits} has positives "
+                         f"({cfg.positives}) and a pool (counts: {counts})")
     return loop_config(cfg, data, run_dir, cfg.output), train_datasets(run_dir, data.name), counts
 
 
@@ -65,7 +63,6 @@ def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
     config, datasets, counts = trainer_inputs(cfg, run_dir)
     log.info("train-encoder (%s): %d queries (built in %.1f s); %s", cfg.loss, counts["examples"],
              time.perf_counter() - t_data, counts)
-    needs_teacher = EncoderLoss(cfg.loss) is not EncoderLoss.INFONCE
 
     t0 = time.perf_counter()
     make_trainer(encoder_train_loop, config, cfg.scaling, run_dir, f"train_encoder-{out}", datasets).fit()
@@ -79,7 +76,8 @@ def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:
         "loss": cfg.loss,
         "output": out,
         "examples": counts,
-        "teacher": cfg.teacher if needs_teacher else None,  # None: the gold-only ablation
+        "teacher": cfg.teacher if cfg.needs_teacher else None,  # None: no teacher (gold-only or answer-match)
+        "positives": cfg.positives,
         "steps": state["global_step"],
         "resumed_from_step": state["resumed_from"],
         "first_loss": history[0]["loss"] if history else None,

@@ -162,6 +162,54 @@ def select_hard_negatives(
     return [pids[i] for i in order[:n]]
 
 
+#: What a student's group takes as its positives (the ``train-encoder`` config's ``positives``).
+POSITIVES = ("gold", "gold_and_useful", "teacher_top", "answer_match")
+#: Answers a passage cannot be matched on: QASPER's boolean answers and the like.
+_UNMATCHABLE = {"", "yes", "no", "unanswerable", "none"}
+
+
+def answer_patterns(answers: list[str] | None) -> list[str]:
+    """The normalised answer strings a passage is matched on (SQuAD normalisation; empty and yes/no-like answers
+    dropped: every passage "contains" them)."""
+    from uae_ray.metrics import normalize_answer
+
+    out = []
+    for a in answers or []:
+        norm = normalize_answer(a or "")
+        if norm not in _UNMATCHABLE and norm not in out:
+            out.append(norm)
+    return out
+
+
+def contains_answer(text: str, patterns: list[str]) -> bool:
+    """Whether the normalised ``text`` holds one of ``patterns`` as whole words (distant supervision)."""
+    from uae_ray.metrics import normalize_answer
+
+    padded = f" {normalize_answer(text)} "
+    return any(f" {p} " in padded for p in patterns)
+
+
+def _positives(
+    kind: str, pids: list[str], golds: list[str], teacher: np.ndarray | None, useful_quantile: float,
+    texts: dict[str, str], patterns: list[str],
+) -> list[str]:
+    """One query's positive pids by ``kind`` (see :data:`POSITIVES`), the first one first, then in pool order; empty
+    when the query has none."""
+    if kind == "gold":
+        return golds[:1]
+    if kind == "teacher_top":
+        return [pids[int(np.argmax(teacher))]] if teacher is not None and len(pids) else []
+    if kind == "gold_and_useful":
+        if not golds:
+            return []
+        useful = []
+        if teacher is not None and len(pids):
+            threshold = np.quantile(teacher, useful_quantile)
+            useful = [p for p, t in zip(pids, teacher, strict=True) if t >= threshold and p not in golds]
+        return [golds[0], *useful]
+    return [p for p in pids if contains_answer(texts[p], patterns)]  # answer_match
+
+
 def build_encoder_examples(
     queries: pa.Table,
     corpus: pa.Table,
@@ -171,15 +219,29 @@ def build_encoder_examples(
     n_hard_negatives: int,
     useful_quantile: float,
     splits: tuple[str, ...] = ("train",),
+    positives: str = "gold",
 ) -> tuple[list[EncoderExample], dict[str, int]]:
-    """One :class:`EncoderExample` per query of ``splits`` with a gold passage.
+    """One :class:`EncoderExample` per query of ``splits`` that has positives: the group holds them first (marked
+    in ``gold``), then hard negatives, ``1 + n_hard_negatives`` passages in all.
+
+    ``positives``: ``gold`` (the first annotated gold passage), ``gold_and_useful`` (it plus the pool passages the
+    teacher scores at or above the pool's ``useful_quantile`` quantile), ``teacher_top`` (the teacher's top passage
+    of the pool: no passage annotation read) or ``answer_match`` (pool passages containing an answer string, whole
+    words after SQuAD normalisation: distant supervision, ``queries`` needs an ``answers`` column). Several
+    positives take at most half of the group (in pool order).
 
     Returns:
-        (examples sorted by qid, counts). Skip reasons: ``no_gold`` (no gold pid in the corpus), ``no_pool`` (no
-        candidates), ``no_teacher_scores`` (teacher table given but nothing for this query's pool); also counts
-        ``gold_teacher_imputed`` (gold not scored by the teacher: it gets the pool's maximum) and
-        ``short_group`` (fewer negatives than asked; the group is padded).
+        (examples sorted by qid, counts). Skip reasons: ``no_gold`` (gold positives: no gold pid in the corpus),
+        ``no_pool`` (no candidates), ``no_teacher_scores`` (teacher table given but nothing for this query's pool),
+        ``no_matchable_answer`` / ``no_answer_match`` (answer_match: no answer to match on, e.g. yes/no, or no pool
+        passage contains one); also counts ``gold_teacher_imputed`` (gold not scored by the teacher: it gets the
+        pool's maximum), ``short_group`` (fewer negatives than asked; the group is padded) and ``positives`` (all
+        positives of the examples).
     """
+    if positives not in POSITIVES:
+        raise ValueError(f"positives={positives!r}: expected one of {POSITIVES}")
+    if positives in ("teacher_top", "gold_and_useful") and teacher_scores is None:
+        raise ValueError(f"positives={positives!r} needs teacher scores")
     c = corpus.select(["pid", "text"]).to_pydict()
     texts = dict(zip(c["pid"], c["text"], strict=True))
     pools: dict[str, list[tuple[int, str, float]]] = defaultdict(list)
@@ -191,15 +253,25 @@ def build_encoder_examples(
         td = teacher_scores.select(["qid", "pid", "teacher_score"]).to_pydict()
         for qid, pid, s in zip(td["qid"], td["pid"], td["teacher_score"], strict=True):
             teacher[qid][pid] = float(s)
+    if positives == "answer_match" and "answers" not in queries.column_names:
+        raise ValueError("positives='answer_match' needs the queries' answers column")
     qd = queries.select(["qid", "question", "gold_pids", "split"]).to_pydict()
+    answers = queries["answers"].to_pylist() if "answers" in queries.column_names else [None] * queries.num_rows
+    group_size = 1 + n_hard_negatives
+    cap = max(1, group_size // 2)
     counts: Counter[str] = Counter()
     examples: list[EncoderExample] = []
-    for qid, question, gold_pids, split in zip(qd["qid"], qd["question"], qd["gold_pids"], qd["split"], strict=True):
+    rows = zip(qd["qid"], qd["question"], qd["gold_pids"], qd["split"], answers, strict=True)
+    for qid, question, gold_pids, split, q_answers in rows:
         if split not in splits:
             continue
         golds = [p for p in (gold_pids or []) if p in texts]
-        if not golds:
+        if positives in ("gold", "gold_and_useful") and not golds:
             counts["no_gold"] += 1
+            continue
+        patterns = answer_patterns(q_answers) if positives == "answer_match" else []
+        if positives == "answer_match" and not patterns:
+            counts["no_matchable_answer"] += 1
             continue
         pool = sorted(pools.get(qid, []))
         pool = [(r, p, s) for r, p, s in pool if p in texts]
@@ -216,20 +288,27 @@ def build_encoder_examples(
                 continue
             fill = min(t_q.values())
             t_arr = np.array([t_q.get(p, fill) for p in pids], dtype=np.float64)
-        gold = golds[0]
-        negs = select_hard_negatives(pids, base, t_arr, set(golds), n_hard_negatives, useful_quantile)
-        if len(negs) < n_hard_negatives:
+        found = _positives(positives, pids, golds, t_arr, useful_quantile, texts, patterns)
+        if not found:
+            counts["no_answer_match"] += 1
+            continue
+        pos = found[:cap]
+        n_neg = group_size - len(pos)
+        # never a negative: any positive (also those beyond the cap); the golds only where positives read them
+        exclude = set(found) | (set(golds) if positives in ("gold", "gold_and_useful") else set())
+        negs = select_hard_negatives(pids, base, t_arr, exclude, n_neg, useful_quantile)
+        if len(negs) < n_neg:
             counts["short_group"] += 1
-        group = [gold, *negs]
+        group = [*pos, *negs]
         if t_arr is None:
             tvals = [0.0] * len(group)
         else:
-            if gold not in t_q:
+            if any(p not in t_q for p in pos):
                 counts["gold_teacher_imputed"] += 1
             tvals = [t_q.get(p, float(t_arr.max())) for p in group]
-        examples.append(
-            EncoderExample(qid, question, group, [texts[p] for p in group], tvals, [True] + [False] * len(negs))
-        )
+        counts["positives"] += len(pos)
+        examples.append(EncoderExample(qid, question, group, [texts[p] for p in group], tvals,
+                                       [True] * len(pos) + [False] * len(negs)))
     counts["examples"] = len(examples)
     return sorted(examples, key=lambda e: e.qid), dict(counts)
 

@@ -76,6 +76,7 @@ _LONG = pa.schema([
     ("split", pa.string()),
     ("question", pa.string()),
     ("gold_pids", pa.list_(pa.string())),
+    ("answers", pa.list_(pa.string())),  # query rows: the gold answers (answer-match positives)
 ])
 
 _COUNTS_FIELDS = [("qid", pa.string()), ("counts", pa.string()), ("row_hash", pa.string())]
@@ -178,14 +179,14 @@ def _reward_group(group: pa.Table) -> pa.Table:
 
 
 def _encoder_group(group: pa.Table, *, n_hard_negatives: int, useful_quantile: float, splits: tuple[str, ...],
-                   with_teacher: bool) -> pa.Table:
+                   with_teacher: bool, positives: str) -> pa.Table:
     p = _parts(group)
-    queries = p["query"].select(["qid", "question", "gold_pids", "split"])
+    queries = p["query"].select(["qid", "question", "gold_pids", "split", "answers"])
     candidates = p["pair"].select(["qid", "pid", "rank", "base_score"])
     teacher = p["teacher"].select(["qid", "pid", "value"]).rename_columns(["qid", "pid", "teacher_score"])
     examples, counts = build_encoder_examples(
         queries, _corpus_of(p["pair"], p["gold"]), candidates, teacher if with_teacher else None,
-        n_hard_negatives=n_hard_negatives, useful_quantile=useful_quantile, splits=splits,
+        n_hard_negatives=n_hard_negatives, useful_quantile=useful_quantile, splits=splits, positives=positives,
     )
     counts.pop("examples", None)  # counted by the driver from has_example
     return _output(group["qid"][0].as_py(), counts, examples[0] if examples else None, ENCODER_SCHEMA)
@@ -265,18 +266,19 @@ def build_reward_data(run_dir: RunDir, name: str) -> TrainData:
 
 
 def build_encoder_data(run_dir: RunDir, name: str, *, teacher: tuple[str, str] | None, n_hard_negatives: int,
-                       useful_quantile: float, splits: tuple[str, ...]) -> TrainData:
+                       useful_quantile: float, splits: tuple[str, ...], positives: str = "gold") -> TrainData:
     """Every query of ``splits``'s :class:`EncoderExample` -> ``name`` in the run directory.
 
     Args:
         teacher: (run-dir table, score column) of the teacher scores, or None (no teacher: the gold-only ablation).
+        positives: what a group's positives are (:data:`uae_ray.training.data.POSITIVES`).
     """
     import functools
 
     corpus = _read(run_dir, CORPUS, ["pid", "text"]).map_batches(_tagged("passage"), batch_format="pyarrow")
     cands = _read(run_dir, CANDIDATES, ["qid", "pid", "rank", "base_score"]).map_batches(
         _tagged("pair"), batch_format="pyarrow")
-    query_rows = _read(run_dir, QUERIES, ["qid", "question", "gold_pids", "split"])
+    query_rows = _read(run_dir, QUERIES, ["qid", "question", "gold_pids", "split", "answers"])
     golds = query_rows.map_batches(_gold_refs, batch_format="pyarrow")
     others = [query_rows.map_batches(_tagged("query"), batch_format="pyarrow")]
     inputs = [CORPUS, CANDIDATES, QUERIES]
@@ -286,9 +288,11 @@ def build_encoder_data(run_dir: RunDir, name: str, *, teacher: tuple[str, str] |
         others.append(_read(run_dir, table, ["qid", "pid", column]).map_batches(
             _tagged("teacher", {column: "value"}), batch_format="pyarrow"))
     group_fn = functools.partial(_encoder_group, n_hard_negatives=n_hard_negatives, useful_quantile=useful_quantile,
-                                 splits=splits, with_teacher=teacher is not None)
+                                 splits=splits, with_teacher=teacher is not None, positives=positives)
     params = {"teacher": teacher, "n_hard_negatives": n_hard_negatives, "useful_quantile": useful_quantile,
               "splits": list(splits)}
+    if positives != "gold":  # tables built before positives existed keep their stamp
+        params["positives"] = positives
     return _write_and_summarise(run_dir, name, inputs, params, corpus.union(cands, golds), others, group_fn,
                                 ENCODER_SCHEMA)
 

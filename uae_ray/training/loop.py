@@ -220,7 +220,7 @@ def _pad_cat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], pad_id: int
 
 
 def encoder_train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker loop of the student bi-encoder (UAE InfoNCE, gold-only InfoNCE or the KL form)."""
+    """Ray Train worker loop of the student bi-encoder (UAE InfoNCE, gold-only InfoNCE, the KL or listwise form)."""
     import ray.train.torch
 
     cfg = TrainEncoderConfig.model_validate(config["cfg"])
