@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pydantic
 import pytest
 
@@ -132,3 +134,23 @@ def test_evaluate_students_compare_to_and_output_validation():
     for bad in ("eval/x", "../eval_x", "/tmp/eval_x", "corpus.parquet", "pipeline", "index"):
         with pytest.raises(pydantic.ValidationError, match="output"):
             EvaluateConfig(output=bad)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    """Each file in configs/ is either a whole pipeline (`uae-ray run`) or stage sections for stage commands; every
+    section must validate (a typo in a shipped experiment config would otherwise surface hours into a run)."""
+    from uae_ray.config import RUN_SETTINGS, load_pipeline_config, load_stage_config, read_config_file
+    from uae_ray.stages.registry import STAGE_CONFIGS, STEP_SPECS
+
+    data = read_config_file(path)
+    sections = [k for k in data if k not in RUN_SETTINGS]
+    assert sections, path
+    unknown = [k for k in sections if k not in STAGE_CONFIGS and k not in STEP_SPECS]
+    assert not unknown, f"{path.name}: unknown sections {unknown}"
+    if "train-encoder" in sections:  # a pipeline
+        load_pipeline_config(path)
+    for k in sections:
+        if k in STAGE_CONFIGS and data[k] is not None:
+            load_stage_config(STAGE_CONFIGS[k], k, path)
