@@ -57,13 +57,51 @@ def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+#: worker-port blocks this process has handed out (each node gets a block of its own)
+_WORKER_PORT_BLOCKS: set[int] = set()
+WORKER_PORTS_PER_NODE = 500
+
+
+def worker_port_range(size: int = WORKER_PORTS_PER_NODE) -> tuple[int, int]:
+    """A block of ``size`` worker ports, all bindable now, below the kernel's ephemeral range (so outgoing
+    connections cannot take them meanwhile) and not handed to another node of this process.
+
+    Every Ray worker process holds one port of its node's range for its life; a pipeline job starts far more than a
+    few dozen over its stages (Data actors, Train workers, Serve replicas), and a 41-port range ran out in CI
+    ("Failed to register worker to Raylet: No available ports"), leaving the job hanging.
+    """
+    import random
+
+    starts = list(range(12000, 32000 - size, size))
+    random.shuffle(starts)
+    for start in starts:
+        if start in _WORKER_PORT_BLOCKS:
+            continue
+        try:
+            socks = []
+            try:
+                for port in range(start, start + size):
+                    s = socket.socket()
+                    socks.append(s)
+                    s.bind(("127.0.0.1", port))
+            finally:
+                for s in socks:
+                    s.close()
+        except OSError:
+            continue
+        _WORKER_PORT_BLOCKS.add(start)
+        return start, start + size - 1
+    raise RuntimeError(f"no free block of {size} worker ports in 12000-32000")
+
+
 def _node_ports() -> list[str]:
-    p = free_ports(7)
+    p = free_ports(6)
+    lo, hi = worker_port_range()
     return [
         f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}", f"--dashboard-agent-listen-port={p[2]}",
         f"--dashboard-agent-grpc-port={p[3]}", f"--metrics-export-port={p[4]}", f"--runtime-env-agent-port={p[5]}",
         # a worker-port range of its own (Ray's default 10002-19999 is shared by every instance on the machine)
-        f"--min-worker-port={p[6]}", f"--max-worker-port={p[6] + 40}",
+        f"--min-worker-port={lo}", f"--max-worker-port={hi}",
     ]
 
 

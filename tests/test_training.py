@@ -291,14 +291,22 @@ def test_train_reward_two_workers_lowers_loss_and_writes_model(trained_reward_ru
 
 @pytest.mark.slow
 def test_ray_data_builds_the_same_examples_and_the_loop_config_carries_none(trained_reward_run):
-    """The examples built by Ray Data from the run directory's Parquet tables are exactly those of the pure builders
-    on the whole tables; a rerun on unchanged inputs reuses the table; the trainer's loop config holds no example (no
-    text, a size independent of the data)."""
+    """The examples built (in process, and by Ray Data) from the run directory's Parquet tables are exactly those of
+    the pure builders on the whole tables; a rerun on unchanged inputs reuses the table; the trainer's loop config
+    holds no example (no text, a size independent of the data)."""
     from dataclasses import asdict, replace
 
     from uae_ray.stages import train_encoder, train_reward
     from uae_ray.training.data import EncoderExample, RewardGroup
-    from uae_ray.training.dataset import BUILD_RECORD, TRAIN_DATA, pickled_size, read_examples
+    from uae_ray.training.dataset import (
+        BUILD_RECORD,
+        IN_PROCESS_MAX_BYTES,
+        TRAIN_DATA,
+        _input_files,
+        pickled_size,
+        read_examples,
+        row_hash,
+    )
 
     rd, rcfg, _ = trained_reward_run
     tables = {n: rd.read_table(n) for n in (schema.QUERIES, schema.CORPUS, schema.CANDIDATES, schema.UTILITIES,
@@ -328,6 +336,29 @@ def test_ray_data_builds_the_same_examples_and_the_loop_config_carries_none(trai
         n_hard_negatives=ds_cfg.n_hard_negatives, useful_quantile=ds_cfg.useful_quantile, positives="answer_match")
     assert ds_counts == ds_want_counts and ds_counts["examples"] > 0
     assert read_examples(rd, f"{TRAIN_DATA}/encoder_ds", [e.qid for e in ds_want], EncoderExample) == ds_want
+
+    # the stages built these small tables in process; Ray Data's hash shuffles (what larger inputs take) build the
+    # same examples, counts and hashes
+    from uae_ray.training.dataset import build_encoder_data, build_reward_data
+
+    assert sum(f.size for f in _input_files(rd, [schema.CORPUS, schema.UTILITIES, schema.QUERIES])) \
+        <= IN_PROCESS_MAX_BYTES
+    by_ray = build_reward_data(rd, f"{TRAIN_DATA}/reward_ray", in_process_max_bytes=0)
+    assert not rd.exists(f"{TRAIN_DATA}/reward_ray/part-000000.parquet")  # Ray Data's own part names
+    assert by_ray.counts == skips and by_ray.n_examples == len(groups)
+    assert by_ray.row_hashes == sorted(row_hash(g) for g in groups)
+    assert read_examples(rd, f"{TRAIN_DATA}/reward_ray", [g.qid for g in groups], RewardGroup) == groups
+    enc_ray = build_encoder_data(rd, f"{TRAIN_DATA}/encoder_ray", teacher=(schema.TEACHER_SCORES, "teacher_score"),
+                                 n_hard_negatives=cfg.n_hard_negatives, useful_quantile=cfg.useful_quantile,
+                                 splits=tuple(cfg.splits), in_process_max_bytes=0)
+    enc_local = build_encoder_data(rd, f"{TRAIN_DATA}/encoder_local", teacher=(schema.TEACHER_SCORES, "teacher_score"),
+                                   n_hard_negatives=cfg.n_hard_negatives, useful_quantile=cfg.useful_quantile,
+                                   splits=tuple(cfg.splits))
+    assert rd.exists(f"{TRAIN_DATA}/encoder_local/part-000000.parquet")
+    assert enc_ray.n_examples > 0 and (enc_ray.counts, enc_ray.row_hashes) == (enc_local.counts, enc_local.row_hashes)
+    qids = sorted(rd.read_table(f"{TRAIN_DATA}/encoder_local", columns=["qid"])["qid"].to_pylist())
+    assert read_examples(rd, f"{TRAIN_DATA}/encoder_ray", qids, EncoderExample) == \
+        read_examples(rd, f"{TRAIN_DATA}/encoder_local", qids, EncoderExample)
 
     # the old loop config pickled every example: now about 1 KB whatever the data, and no text in it
     old_size = pickled_size({"examples": [asdict(e) for e in want]})

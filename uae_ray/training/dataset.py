@@ -12,6 +12,12 @@ is tagged with its kind in one long schema, and two hash shuffles bring together
    before* (:func:`~uae_ray.training.data.build_reward_groups`, :func:`~uae_ray.training.data.build_encoder_examples`)
    run on that one query's rows, so skips and hard negatives are decided exactly as they were on the driver.
 
+Small inputs (at most :data:`IN_PROCESS_MAX_BYTES` of Parquet, e.g. the demo's or a test's) are grouped the same way
+in the driver's process with pyarrow, running the same per-pid and per-query functions: Ray Data's two hash shuffles
+start aggregator actors and cost a fixed ~40 s each on a small cluster (measured: 76 s to build the demo's 1 MB
+reward table on two 2-CPU nodes, under 1 s in process), which only pays off once the input is large. The built
+table is the same either way (``tests/test_training.py`` builds it both ways).
+
 One row per query (the example, or none plus the query's skip counts) is written to ``train_data/<name>/`` in the
 run directory: a durable input that survives a lost node or a killed driver, read again by every epoch. Its
 ``_build.json`` records what it was built from (:func:`build_stamp`): a rerun on unchanged inputs reuses it.
@@ -60,6 +66,8 @@ from uae_ray.training.data import (
 TRAIN_DATA = "train_data"  # run-dir directory of the built example tables, one sub-directory per training
 TRAIN, TRAIN_QIDS = "train", "train_qids"  # the Ray Train dataset names
 PARTITION_BYTES = 256 * 1024**2  # input bytes per hash-shuffle partition
+#: inputs up to this many bytes (Parquet on disk) are built in the driver's process instead of by Ray Data
+IN_PROCESS_MAX_BYTES = 64 * 1024**2
 BUILD_RECORD = "_build.json"  # inside a built table: what it was built from (readers of Parquet skip "_" files)
 BUILD_VERSION = 1  # bump when the built rows change for the same inputs
 
@@ -192,12 +200,46 @@ def _encoder_group(group: pa.Table, *, n_hard_negatives: int, useful_quantile: f
     return _output(group["qid"][0].as_py(), counts, examples[0] if examples else None, ENCODER_SCHEMA)
 
 
+@dataclass(frozen=True)
+class _Source:
+    """One input of a build: a run-dir table's columns, mapped batch by batch into the long schema."""
+
+    table: str
+    columns: list[str]
+    to_long: Callable[[pa.Table], pa.Table]
+
+
 def _read(run_dir: RunDir, name: str, columns: list[str]) -> Any:
     import ray.data
 
     if not run_dir.exists(name):
         raise FileNotFoundError(f"{run_dir.path(name)} not found: run the stage that writes {name} first")
     return ray.data.read_parquet(run_dir.path(name), filesystem=run_dir.fs, columns=columns)
+
+
+def _ray_dataset(run_dir: RunDir, sources: list[_Source]) -> Any:
+    """The union of ``sources`` as one Ray Dataset in the long schema."""
+    parts = [_read(run_dir, s.table, s.columns).map_batches(s.to_long, batch_format="pyarrow") for s in sources]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _local_table(run_dir: RunDir, sources: list[_Source]) -> pa.Table:
+    """The union of ``sources`` as one in-memory table in the long schema (the small-input path)."""
+    return pa.concat_tables([s.to_long(run_dir.read_table(s.table, columns=s.columns)) for s in sources])
+
+
+def _map_groups(table: pa.Table, key: str, fn: Callable[[pa.Table], pa.Table], schema: pa.Schema) -> pa.Table:
+    """``fn`` on each group of ``table``'s rows that share ``key`` (null keys form one group, as in Ray Data's
+    ``groupby``), the results concatenated: the in-process ``groupby(key).map_groups(fn)``."""
+    import numpy as np
+
+    if table.num_rows == 0:
+        return schema.empty_table()
+    table = table.sort_by([(key, "ascending")])
+    keys = table[key].to_numpy(zero_copy_only=False)
+    bounds = [0, *(np.flatnonzero(keys[1:] != keys[:-1]) + 1).tolist(), table.num_rows]
+    out = [fn(table.slice(a, b - a)) for a, b in itertools.pairwise(bounds)]
+    return pa.concat_tables([t.cast(schema) for t in out])
 
 
 def _input_files(run_dir: RunDir, names: list[str]) -> list[Any]:
@@ -231,19 +273,29 @@ def build_stamp(files: list[Any], params: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _write_and_summarise(run_dir: RunDir, name: str, inputs: list[str], params: dict[str, Any], by_pid: Any,
-                         others: list[Any], group_fn: Callable[[pa.Table], pa.Table], schema: pa.Schema) -> TrainData:
+def _write_and_summarise(run_dir: RunDir, name: str, params: dict[str, Any], by_pid: list[_Source],
+                         others: list[_Source], group_fn: Callable[[pa.Table], pa.Table], schema: pa.Schema,
+                         in_process_max_bytes: int) -> TrainData:
+    inputs = list(dict.fromkeys(s.table for s in by_pid + others))
     files = _input_files(run_dir, inputs)
     stamp = build_stamp(files, params)
     record = f"{name}/{BUILD_RECORD}"
     if not (run_dir.exists(record) and run_dir.read_json(record).get("stamp") == stamp):
-        parts = _partitions(files)
-        texts = by_pid.groupby("pid", num_partitions=parts).map_groups(_attach_text, batch_format="pyarrow")
-        rows = texts.union(*others).groupby("qid", num_partitions=parts).map_groups(group_fn, batch_format="pyarrow")
-        run_dir.remove(name)  # an older or partial table (this stage holds the run dir's lease)
-        rows.write_parquet(run_dir.path(name), filesystem=run_dir.fs)
-        if not run_dir.exists(name):  # no query at all: Ray Data writes no file
-            run_dir.write_table(f"{name}/part-empty.parquet", schema.empty_table())
+        if sum(i.size or 0 for i in files) <= in_process_max_bytes:
+            texts = _map_groups(_local_table(run_dir, by_pid), "pid", _attach_text, _LONG)
+            rows = _map_groups(pa.concat_tables([texts, _local_table(run_dir, others)]), "qid", group_fn, schema)
+            run_dir.remove(name)  # an older or partial table (this stage holds the run dir's lease)
+            run_dir.write_table(f"{name}/part-000000.parquet", rows)
+        else:
+            parts = _partitions(files)
+            texts = _ray_dataset(run_dir, by_pid).groupby("pid", num_partitions=parts).map_groups(
+                _attach_text, batch_format="pyarrow")
+            rows = texts.union(_ray_dataset(run_dir, others)).groupby("qid", num_partitions=parts).map_groups(
+                group_fn, batch_format="pyarrow")
+            run_dir.remove(name)  # an older or partial table (this stage holds the run dir's lease)
+            rows.write_parquet(run_dir.path(name), filesystem=run_dir.fs)
+            if not run_dir.exists(name):  # no query at all: Ray Data writes no file
+                run_dir.write_table(f"{name}/part-empty.parquet", schema.empty_table())
         run_dir.write_json(record, {"stamp": stamp, "inputs": inputs, "params": params})
     small = run_dir.read_table(name, columns=["counts", "has_example", "row_hash"])
     counts: Counter[str] = Counter()
@@ -254,47 +306,46 @@ def _write_and_summarise(run_dir: RunDir, name: str, inputs: list[str], params: 
     return TrainData(name, len(hashes), dict(counts), hashes)
 
 
-def build_reward_data(run_dir: RunDir, name: str) -> TrainData:
-    """Every labeled query's :class:`RewardGroup` (all splits) -> ``name`` in the run directory."""
-    corpus = _read(run_dir, CORPUS, ["pid", "text"]).map_batches(_tagged("passage"), batch_format="pyarrow")
-    pairs = _read(run_dir, UTILITIES, ["qid", "pid", "utility"]).map_batches(
-        _tagged("pair", {"utility": "value"}), batch_format="pyarrow")
-    queries = _read(run_dir, QUERIES, ["qid", "doc_id", "split", "question"]).map_batches(
-        _tagged("query"), batch_format="pyarrow")
-    return _write_and_summarise(run_dir, name, [CORPUS, UTILITIES, QUERIES], {}, corpus.union(pairs), [queries],
-                                _reward_group, REWARD_SCHEMA)
+def build_reward_data(run_dir: RunDir, name: str, *, in_process_max_bytes: int = IN_PROCESS_MAX_BYTES) -> TrainData:
+    """Every labeled query's :class:`RewardGroup` (all splits) -> ``name`` in the run directory.
+
+    Args:
+        in_process_max_bytes: inputs up to this size are built in this process, larger ones by Ray Data.
+    """
+    by_pid = [_Source(CORPUS, ["pid", "text"], _tagged("passage")),
+              _Source(UTILITIES, ["qid", "pid", "utility"], _tagged("pair", {"utility": "value"}))]
+    others = [_Source(QUERIES, ["qid", "doc_id", "split", "question"], _tagged("query"))]
+    return _write_and_summarise(run_dir, name, {}, by_pid, others, _reward_group, REWARD_SCHEMA, in_process_max_bytes)
 
 
 def build_encoder_data(run_dir: RunDir, name: str, *, teacher: tuple[str, str] | None, n_hard_negatives: int,
-                       useful_quantile: float, splits: tuple[str, ...], positives: str = "gold") -> TrainData:
+                       useful_quantile: float, splits: tuple[str, ...], positives: str = "gold",
+                       in_process_max_bytes: int = IN_PROCESS_MAX_BYTES) -> TrainData:
     """Every query of ``splits``'s :class:`EncoderExample` -> ``name`` in the run directory.
 
     Args:
         teacher: (run-dir table, score column) of the teacher scores, or None (no teacher: the gold-only ablation).
         positives: what a group's positives are (:data:`uae_ray.training.data.POSITIVES`).
+        in_process_max_bytes: inputs up to this size are built in this process, larger ones by Ray Data.
     """
     import functools
 
-    corpus = _read(run_dir, CORPUS, ["pid", "text"]).map_batches(_tagged("passage"), batch_format="pyarrow")
-    cands = _read(run_dir, CANDIDATES, ["qid", "pid", "rank", "base_score"]).map_batches(
-        _tagged("pair"), batch_format="pyarrow")
-    query_rows = _read(run_dir, QUERIES, ["qid", "question", "gold_pids", "split", "answers"])
-    golds = query_rows.map_batches(_gold_refs, batch_format="pyarrow")
-    others = [query_rows.map_batches(_tagged("query"), batch_format="pyarrow")]
-    inputs = [CORPUS, CANDIDATES, QUERIES]
+    query_columns = ["qid", "question", "gold_pids", "split", "answers"]
+    by_pid = [_Source(CORPUS, ["pid", "text"], _tagged("passage")),
+              _Source(CANDIDATES, ["qid", "pid", "rank", "base_score"], _tagged("pair")),
+              _Source(QUERIES, query_columns, _gold_refs)]
+    others = [_Source(QUERIES, query_columns, _tagged("query"))]
     if teacher is not None:
-        inputs.append(teacher[0])
         table, column = teacher
-        others.append(_read(run_dir, table, ["qid", "pid", column]).map_batches(
-            _tagged("teacher", {column: "value"}), batch_format="pyarrow"))
+        others.append(_Source(table, ["qid", "pid", column], _tagged("teacher", {column: "value"})))
     group_fn = functools.partial(_encoder_group, n_hard_negatives=n_hard_negatives, useful_quantile=useful_quantile,
                                  splits=splits, with_teacher=teacher is not None, positives=positives)
     params = {"teacher": teacher, "n_hard_negatives": n_hard_negatives, "useful_quantile": useful_quantile,
               "splits": list(splits)}
     if positives != "gold":  # tables built before positives existed keep their stamp
         params["positives"] = positives
-    return _write_and_summarise(run_dir, name, inputs, params, corpus.union(cands, golds), others, group_fn,
-                                ENCODER_SCHEMA)
+    return _write_and_summarise(run_dir, name, params, by_pid, others, group_fn, ENCODER_SCHEMA,
+                                in_process_max_bytes)
 
 
 def train_datasets(run_dir: RunDir, name: str, where: Any = None) -> dict[str, Any]:
