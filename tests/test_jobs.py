@@ -51,7 +51,7 @@ def test_demo_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster: LocalCluster,
     t0 = time.monotonic()
     out = submit_job(cluster, "uae-demo-small", entry)
     assert "Uploading package gcs://_ray_pkg_" in out
-    assert wait_for_job(cluster, "uae-demo-small", timeout_s=300) == "SUCCEEDED"
+    assert wait_for_job(cluster, "uae-demo-small", timeout_s=480) == "SUCCEEDED"
     elapsed = time.monotonic() - t0
 
     # what was uploaded: the code and the configs, not venvs, runs, bench results or git
