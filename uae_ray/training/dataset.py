@@ -16,8 +16,7 @@ Small inputs (at most :data:`IN_PROCESS_MAX_BYTES` of Parquet, e.g. the demo's o
 in the driver's process with pyarrow, running the same per-pid and per-query functions: Ray Data's two hash shuffles
 start aggregator actors and cost a fixed ~40 s each on a small cluster (measured: 76 s to build the demo's 1 MB
 reward table on two 2-CPU nodes; 5 s in process for a QASPER run dir's 2 MB of 100 papers), which only pays off
-once the input is large. The built
-table is the same either way (``tests/test_training.py`` builds it both ways).
+once the input is large. The built table is the same either way (``tests/test_training.py`` builds it both ways).
 
 One row per query (the example, or none plus the query's skip counts) is written to ``train_data/<name>/`` in the
 run directory: a durable input that survives a lost node or a killed driver, read again by every epoch. Its
