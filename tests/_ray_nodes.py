@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -62,6 +63,20 @@ _WORKER_PORT_BLOCKS: set[int] = set()
 WORKER_PORTS_PER_NODE = 500
 
 
+def _all_bindable(start: int, size: int) -> bool:
+    socks: list[socket.socket] = []
+    try:
+        for port in range(start, start + size):
+            socks.append(socket.socket())
+            socks[-1].bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in socks:
+            s.close()
+
+
 def worker_port_range(size: int = WORKER_PORTS_PER_NODE) -> tuple[int, int]:
     """A block of ``size`` worker ports, all bindable now, below the kernel's ephemeral range (so outgoing
     connections cannot take them meanwhile) and not handed to another node of this process.
@@ -70,27 +85,12 @@ def worker_port_range(size: int = WORKER_PORTS_PER_NODE) -> tuple[int, int]:
     few dozen over its stages (Data actors, Train workers, Serve replicas), and a 41-port range ran out in CI
     ("Failed to register worker to Raylet: No available ports"), leaving the job hanging.
     """
-    import random
-
     starts = list(range(12000, 32000 - size, size))
     random.shuffle(starts)
     for start in starts:
-        if start in _WORKER_PORT_BLOCKS:
-            continue
-        try:
-            socks = []
-            try:
-                for port in range(start, start + size):
-                    s = socket.socket()
-                    socks.append(s)
-                    s.bind(("127.0.0.1", port))
-            finally:
-                for s in socks:
-                    s.close()
-        except OSError:
-            continue
-        _WORKER_PORT_BLOCKS.add(start)
-        return start, start + size - 1
+        if start not in _WORKER_PORT_BLOCKS and _all_bindable(start, size):
+            _WORKER_PORT_BLOCKS.add(start)
+            return start, start + size - 1
     raise RuntimeError(f"no free block of {size} worker ports in 12000-32000")
 
 

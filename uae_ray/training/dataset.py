@@ -42,6 +42,7 @@ when a node is lost and the group restarts. The price of the choice here: every 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -223,9 +224,10 @@ def _ray_dataset(run_dir: RunDir, sources: list[_Source]) -> Any:
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def _local_table(run_dir: RunDir, sources: list[_Source]) -> pa.Table:
-    """The union of ``sources`` as one in-memory table in the long schema (the small-input path)."""
-    return pa.concat_tables([s.to_long(run_dir.read_table(s.table, columns=s.columns)) for s in sources])
+def _local_table(sources: list[_Source], read: Callable[[str, tuple[str, ...]], pa.Table]) -> pa.Table:
+    """The union of ``sources`` as one in-memory table in the long schema (the small-input path); ``read`` returns
+    a run-dir table's columns (cached: the encoder build maps the queries table twice)."""
+    return pa.concat_tables([s.to_long(read(s.table, tuple(s.columns))) for s in sources])
 
 
 def _map_groups(table: pa.Table, key: str, fn: Callable[[pa.Table], pa.Table], schema: pa.Schema) -> pa.Table:
@@ -281,18 +283,21 @@ def _write_and_summarise(run_dir: RunDir, name: str, params: dict[str, Any], by_
     stamp = build_stamp(files, params)
     record = f"{name}/{BUILD_RECORD}"
     if not (run_dir.exists(record) and run_dir.read_json(record).get("stamp") == stamp):
-        if sum(i.size or 0 for i in files) <= in_process_max_bytes:
-            texts = _map_groups(_local_table(run_dir, by_pid), "pid", _attach_text, _LONG)
-            rows = _map_groups(pa.concat_tables([texts, _local_table(run_dir, others)]), "qid", group_fn, schema)
-            run_dir.remove(name)  # an older or partial table (this stage holds the run dir's lease)
-            run_dir.write_table(f"{name}/part-000000.parquet", rows)
-        else:
+        in_process = sum(i.size or 0 for i in files) <= in_process_max_bytes
+        if in_process:
+            read = functools.cache(lambda table, columns: run_dir.read_table(table, columns=list(columns)))
+            texts = _map_groups(_local_table(by_pid, read), "pid", _attach_text, _LONG)
+            local_rows = _map_groups(pa.concat_tables([texts, _local_table(others, read)]), "qid", group_fn, schema)
+        else:  # lazy: runs in write_parquet
             parts = _partitions(files)
             texts = _ray_dataset(run_dir, by_pid).groupby("pid", num_partitions=parts).map_groups(
                 _attach_text, batch_format="pyarrow")
             rows = texts.union(_ray_dataset(run_dir, others)).groupby("qid", num_partitions=parts).map_groups(
                 group_fn, batch_format="pyarrow")
-            run_dir.remove(name)  # an older or partial table (this stage holds the run dir's lease)
+        run_dir.remove(name)  # an older or partial table (this stage holds the run dir's lease)
+        if in_process:
+            run_dir.write_table(f"{name}/part-000000.parquet", local_rows)
+        else:
             rows.write_parquet(run_dir.path(name), filesystem=run_dir.fs)
             if not run_dir.exists(name):  # no query at all: Ray Data writes no file
                 run_dir.write_table(f"{name}/part-empty.parquet", schema.empty_table())
@@ -328,8 +333,6 @@ def build_encoder_data(run_dir: RunDir, name: str, *, teacher: tuple[str, str] |
         positives: what a group's positives are (:data:`uae_ray.training.data.POSITIVES`).
         in_process_max_bytes: inputs up to this size are built in this process, larger ones by Ray Data.
     """
-    import functools
-
     query_columns = ["qid", "question", "gold_pids", "split", "answers"]
     by_pid = [_Source(CORPUS, ["pid", "text"], _tagged("passage")),
               _Source(CANDIDATES, ["qid", "pid", "rank", "base_score"], _tagged("pair")),
