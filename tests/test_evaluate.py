@@ -463,3 +463,30 @@ def test_evaluate_extra_student_into_its_own_output(tmp_path: Path):
     md = (rd.local_path("eval_x") / "report.md").read_text()
     assert "| copy |" in md and md.index("| base |") < md.index("| copy |") and "| bm25 | copy |" in md
     assert report["plots"] and all((rd.local_path("eval_x") / p).exists() for p in report["plots"])
+
+
+def test_exp_util_on_a_stated_subset_of_queries(tmp_path: Path):
+    """exp_util_max_queries: only the first N queries (seed order) are labeled on demand with the real generator;
+    every system's ExpUtil@1 and its paired difference are over exactly those N; retrieval metrics use every query."""
+    from uae_ray.eval.runner import stable_order
+    from uae_ray.stages import evaluate
+
+    rd, _, queries, _ = _tiny_run_dir(tmp_path / "run")  # no stored utilities: ExpUtil only from on-demand labels
+    label = LabelConfig(max_passage_tokens=64)
+    cfg = EvaluateConfig(split="dev", label=label, systems=["bm25", "base"], settings=["pool"], ks=[1, 2],
+                         exp_util_ks=[1], exp_util_max_queries=2, generate=False, compare_to=["base"])
+    evaluate.run(cfg, rd)
+    report = json.loads((rd.local_path(S.EVAL) / "report.json").read_text())
+    subset = set(stable_order([q["qid"] for q in queries], cfg.seed)[:2])
+    tops = {(r["qid"], r["pids"][0]) for name in ("bm25", "base")
+            for r in rd.read_table(f"{S.EVAL}/rankings/pool__{name}.parquet").to_pylist()}
+    assert report["labels"]["exp_util_subset"] == 2
+    assert report["labels"]["labeled_on_demand"] == len({t for t in tops if t[0] in subset}) > 0
+    on_demand = rd.read_table(f"{S.EVAL}/{evaluate.ON_DEMAND}")  # only the subset's pairs were labeled
+    assert set(on_demand.column("qid").to_pylist()) <= subset
+    block = report["settings"]["pool"]
+    for m in block["systems"].values():
+        assert m["n_queries"] == len(queries) and m["exputil@1_n"] == 2 and m["recall@1"] is not None
+    assert block["comparisons"]["base"]["bm25"]["exputil@1"]["n"] == 2
+    assert block["comparisons"]["base"]["bm25"]["recall@1"]["n"] == len(queries)
+    assert "ExpUtil on a stated subset: the first 2 of" in (rd.local_path(S.EVAL) / "report.md").read_text()

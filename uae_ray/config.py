@@ -385,6 +385,9 @@ class EvaluateConfig(StageConfig):
     ks: list[int] = Field(default_factory=lambda: [1, 3, 5, 10])
     label_on_demand: bool = True  # ExpUtil@k: unlabeled top-k pairs are labeled with the same generator/prompt
     exp_util_ks: list[int] = Field(default_factory=lambda: [1, 3])  # ExpUtil@k cut-offs (top-k labeled on demand)
+    # ExpUtil on a stated subset: only the first N queries (the seed's stable order) are labeled on demand; the others
+    # get no ExpUtil (the report counts them). None: every query. Retrieval metrics always use every query.
+    exp_util_max_queries: int | None = Field(None, ge=1)
     generate_ks: list[int] = Field(default_factory=lambda: [1])  # answers from the top-k passages joined
     label: LabelConfig | None = None  # generator + prompt for ExpUtil and answers; `uae-ray run` fills in its label
     base_encoder: str = "all-minilm-l6-v2"  # the base system (and first stage of every re-ranker)

@@ -122,6 +122,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "top-k passages), latency in ms per query (one query at a time, this machine).",
         "",
     ]
+    subset = report.get("labels", {}).get("exp_util_subset")
+    if subset is not None and subset < ds["queries"]:
+        out += [f"ExpUtil on a stated subset: the first {subset} of the {ds['queries']} queries (seed "
+                f"{report.get('seed')}'s order), every system's top-k labeled on demand; the others have none "
+                "(n in the paired differences).", ""]
     for setting, block in report["settings"].items():
         out += [f"## {setting} setting", "", markdown_table(block, ks, eks, gen_cols), ""]
         for name, reason in block.get("skipped", {}).items():

@@ -164,9 +164,12 @@ def run(cfg: EvaluateConfig, run_dir: RunDir) -> dict[str, Any]:
     stored, label_info = _labels(cfg, label, run_dir)
     labels = utilities_by_query(stored)
     kmax = max(cfg.exp_util_ks)
+    util_q = set(qids[: cfg.exp_util_max_queries])  # the stated ExpUtil subset (every query when None)
     missing = sorted({(q, p) for t in rankings.values() for q, ps in zip(t.column("qid").to_pylist(),
-                      t.column("pids").to_pylist(), strict=True) for p in ps[:kmax] if p not in labels.get(q, {})})
+                      t.column("pids").to_pylist(), strict=True) if q in util_q
+                      for p in ps[:kmax] if p not in labels.get(q, {})})
     label_info["labeled_on_demand"] = 0
+    label_info["exp_util_subset"] = len(util_q)
     if missing and cfg.label_on_demand:
         log.info("evaluate: labeling %d unlabeled top-%d pairs on demand", len(missing), kmax)
         new = label_missing(label, queries_t, corpus, missing)
@@ -179,6 +182,8 @@ def run(cfg: EvaluateConfig, run_dir: RunDir) -> dict[str, Any]:
         labels = utilities_by_query(stored)
     elif missing:
         label_info["unlabeled_top_pairs"] = len(missing)
+    if cfg.exp_util_max_queries is not None:  # every system's ExpUtil on the same stated subset, none elsewhere
+        labels = {q: u for q, u in labels.items() if q in util_q}
 
     gen_q = set(qids[: cfg.generate_max_queries]) if cfg.generate else set()
     calib = _calibration(cfg, run_dir, built, corpus, rankings, labels, questions, q_rows, qids, gen_q)
