@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from uae_ray.eval.report import retrieval_metrics
-from uae_ray.eval.stats import CONFIDENCE, N_RESAMPLES, format_difference
+from uae_ray.eval.report import markdown_table, ordered_systems, retrieval_metrics
+from uae_ray.eval.stats import CONFIDENCE, N_RESAMPLES, comparisons_markdown
 
-METRICS = ("recall@1", "mrr", "map", "exputil@1")
 RATIO_METRICS = ("recall@1", "mrr", "map")  # need no labels: recomputed from rankings + gold for every query
 
 
@@ -87,23 +86,12 @@ def gain_share(system: dict[str, dict], gold_only: dict[str, dict], base: dict[s
             "undefined_resamples": int(np.isnan(dist).sum())}
 
 
-def markdown(systems: dict[str, Any], comparisons: dict[str, Any], shares: dict[str, Any], n_util: int | None) -> str:
-    head = "| system | n | R@1 | MRR | MAP | ExpUtil@1 (nats, n) |\n|---|---|---|---|---|---|"
-    lines = [head]
-    for name, m in systems.items():
-        eu = m.get("exputil@1")
-        eu_text = "-" if eu is None else f"{eu:.3f} ({m.get('exputil@1_n', m['n_queries'])})"
-        lines.append(f"| {name} | {m['n_queries']} | {100 * m['recall@1']:.1f} | {100 * m['mrr']:.1f} | "
-                     f"{100 * m['map']:.1f} | {eu_text} |")
-    out = ["\n".join(lines), ""]
-    for ref, rows in comparisons.items():
-        out += [f"Minus {ref} (points; ExpUtil in nats; mean [95% paired bootstrap] randomization p):", "",
-                "| system | R@1 | MRR | MAP | ExpUtil@1 |", "|---|---|---|---|---|"]
-        for name, diffs in rows.items():
-            cells = [format_difference(diffs.get(m, {}), scale=1.0 if m.startswith("exputil") else 100.0,
-                                       digits=3 if m.startswith("exputil") else 1) for m in METRICS]
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
-        out.append("")
+def markdown(systems: dict[str, Any], comparisons: dict[str, Any], shares: dict[str, Any]) -> str:
+    """The means (the report's own table), the paired differences (the report's own) and the gain shares."""
+    out = [markdown_table({"systems": systems}, ks=[1], exp_util_ks=[1], gen_cols=[]), "",
+           "Paired differences, system minus reference (points; ExpUtil in nats): mean [95% paired bootstrap] "
+           "randomization p; n: queries compared (ExpUtil@1 on its labeled subset).", "",
+           comparisons_markdown(comparisons, order=ordered_systems(systems)), ""]
     if shares:
         out += ["Share of the gold-only gain over base (system - base) / (gold_only - base), 95% paired bootstrap:", "",
                 "| system | " + " | ".join(RATIO_METRICS) + " |", "|---|" + "---|" * len(RATIO_METRICS)]
@@ -152,7 +140,7 @@ def main() -> None:
     args = ap.parse_args()
 
     systems, comparisons, where = load_reports(args.run_dir, args.evals, args.setting)
-    queries = pq.read_table(args.run_dir / "queries.parquet", columns=["qid", "gold_pids", "split"]).to_pylist()
+    queries = pq.read_table(args.run_dir / "queries.parquet", columns=["qid", "gold_pids"]).to_pylist()
     gold = {q["qid"]: set(q["gold_pids"]) for q in queries}
     shares: dict[str, Any] = {}
     if args.gold_only in systems and "base" in systems:
@@ -160,9 +148,8 @@ def main() -> None:
         for s in systems:
             if s not in ("base", args.gold_only):
                 shares[s] = {m: gain_share(pq_of[s], pq_of[args.gold_only], pq_of["base"], m) for m in RATIO_METRICS}
-    n_util = next((m.get("exputil@1_n") for m in systems.values()), None)
     args.out.mkdir(parents=True, exist_ok=True)
-    text = markdown(systems, comparisons, shares, n_util)
+    text = markdown(systems, comparisons, shares)
     (args.out / "table.md").write_text(text)
     (args.out / "table.json").write_text(json.dumps(
         {"run_dir": str(args.run_dir), "evals": args.evals, "setting": args.setting, "systems": systems,
