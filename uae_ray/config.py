@@ -299,7 +299,7 @@ class TrainEncoderConfig(StageConfig):
     beat these defaults at the configured 2 epochs; lr 5e-5 trains runs of a few dozen steps faster. gold_mix 1.0 (gold
     one-hot targets; the teacher keeps passages it rates useful out of the negatives and, with positives
     teacher_top, picks the positive): on the 888 QASPER dev questions gold_mix 0.5 was below the gold-only ablation
-    (R@1 -2.3 [-3.8, -0.7]) and 1.0 level with it (+0.5 [-0.8, +1.7]; bench/README.md, "The default")."""
+    (R@1 -2.3 [-3.8, -0.7]) and 1.0 level with it (+0.5 [-0.8, +1.7]; bench/README.md, "Eleventh session")."""
 
     base_model: str = "all-minilm-l6-v2"
     # uae: soft teacher targets + in-batch negatives; infonce: gold only (the ablation); kl: the KL form over the
