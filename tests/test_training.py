@@ -132,6 +132,29 @@ def test_positives_from_the_teacher(tmp_path):
                                useful_quantile=0.9, positives="teacher_top")
 
 
+def test_teacher_top_margin_skips_unsure_queries(tmp_path):
+    t = _tables(build_tiny_run(str(tmp_path), n_docs=8))
+    teacher: dict[str, list[float]] = {}
+    for r in t[schema.TEACHER_SCORES].to_pylist():
+        teacher.setdefault(r["qid"], []).append(r["teacher_score"])
+    pool = {r["qid"] for r in t[schema.CANDIDATES].to_pylist()}
+    train = {r["qid"] for r in t[schema.QUERIES].to_pylist() if r["split"] == "train"} & pool
+    gaps = {q: float(np.diff(sorted(teacher[q])[-2:])[0]) for q in train}
+    margin = float(np.median(list(gaps.values())))
+    args = (t[schema.QUERIES], t[schema.CORPUS], t[schema.CANDIDATES], t[schema.TEACHER_SCORES])
+    kept, counts = build_encoder_examples(*args, n_hard_negatives=3, useful_quantile=0.9, positives="teacher_top",
+                                          min_teacher_margin=margin)
+    assert {e.qid for e in kept} == {q for q, g in gaps.items() if g >= margin}
+    assert counts["low_teacher_margin"] == sum(g < margin for g in gaps.values()) > 0
+    everything, _ = build_encoder_examples(*args, n_hard_negatives=3, useful_quantile=0.9, positives="teacher_top")
+    assert len(everything) == len(train) > len(kept) > 0
+    with pytest.raises(ValueError, match="teacher_top only"):
+        TrainEncoderConfig(positives="gold", min_teacher_margin=0.1)
+    with pytest.raises(ValueError, match="teacher_top"):
+        build_encoder_examples(*args, n_hard_negatives=3, useful_quantile=0.9, positives="gold",
+                               min_teacher_margin=0.1)
+
+
 def test_reward_groups_and_heldout_by_document(tmp_path):
     rd = build_tiny_run(str(tmp_path), n_docs=8)
     util = rd.read_table(schema.UTILITIES)

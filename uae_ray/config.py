@@ -319,6 +319,9 @@ class TrainEncoderConfig(StageConfig):
     # useful_quantile (multi-positive); the teacher's top passage of the pool (no passage annotation: UAE from
     # answers alone); or every pool passage that contains an answer string (distant supervision, no teacher)
     positives: Literal["gold", "gold_and_useful", "teacher_top", "answer_match"] = "gold"
+    # positives teacher_top: skip a query whose teacher top score leads the pool's second best by less than this
+    # (in the teacher's units: nats of per-token log-perplexity with teacher=utilities); 0 keeps every query
+    min_teacher_margin: float = Field(0.0, ge=0)
     in_batch_negatives: bool = True
     max_query_length: int = Field(64, ge=8)
     max_passage_length: int = Field(256, ge=16)
@@ -339,6 +342,13 @@ class TrainEncoderConfig(StageConfig):
     @classmethod
     def _output(cls, v: str) -> str:
         return _output_name(v)
+
+    @model_validator(mode="after")
+    def _check_margin(self) -> TrainEncoderConfig:
+        if self.min_teacher_margin > 0 and self.positives != "teacher_top":
+            raise ValueError(f"min_teacher_margin applies to positives: teacher_top only (positives is "
+                             f"{self.positives!r})")
+        return self
 
     @property
     def needs_teacher(self) -> bool:

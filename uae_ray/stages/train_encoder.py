@@ -49,7 +49,8 @@ def trainer_inputs(cfg: TrainEncoderConfig, run_dir: RunDir) -> tuple[dict[str, 
     ensure_ray()
     data = build_encoder_data(run_dir, f"{TRAIN_DATA}/{cfg.output}", teacher=teacher,
                               n_hard_negatives=cfg.n_hard_negatives, useful_quantile=cfg.useful_quantile,
-                              splits=tuple(cfg.splits), positives=cfg.positives)
+                              splits=tuple(cfg.splits), positives=cfg.positives,
+                              min_teacher_margin=cfg.min_teacher_margin)
     counts = {**data.counts, "examples": data.n_examples}
     if not data.n_examples:
         raise ValueError(f"{run_dir.uri}: no training query of splits {cfg.splits} has positives "

@@ -220,6 +220,7 @@ def build_encoder_examples(
     useful_quantile: float,
     splits: tuple[str, ...] = ("train",),
     positives: str = "gold",
+    min_teacher_margin: float = 0.0,
 ) -> tuple[list[EncoderExample], dict[str, int]]:
     """One :class:`EncoderExample` per query of ``splits`` that has positives: the group holds them first (marked
     in ``gold``), then hard negatives, ``1 + n_hard_negatives`` passages in all.
@@ -228,20 +229,26 @@ def build_encoder_examples(
     teacher scores at or above the pool's ``useful_quantile`` quantile), ``teacher_top`` (the teacher's top passage
     of the pool: no passage annotation read) or ``answer_match`` (pool passages containing an answer string, whole
     words after SQuAD normalisation: distant supervision, ``queries`` needs an ``answers`` column). Several
-    positives take at most half of the group (in pool order).
+    positives take at most half of the group (in pool order). ``min_teacher_margin`` (``teacher_top`` only): a
+    query whose teacher top score leads the pool's second best by less is skipped (a positive the teacher is unsure
+    of: fewer, cleaner positives).
 
     Returns:
         (examples sorted by qid, counts). Skip reasons: ``no_gold`` (gold positives: no gold pid in the corpus),
         ``no_pool`` (no candidates), ``no_teacher_scores`` (teacher table given but nothing for this query's pool),
         ``no_matchable_answer`` / ``no_answer_match`` (answer_match: no answer to match on, e.g. yes/no, or no pool
-        passage contains one); also counts ``gold_teacher_imputed`` (gold not scored by the teacher: it gets the
-        pool's maximum), ``short_group`` (fewer negatives than asked; the group is padded) and ``positives`` (all
-        positives of the examples).
+        passage contains one), ``low_teacher_margin`` (teacher_top: below ``min_teacher_margin``); also counts
+        ``gold_teacher_imputed`` (gold not scored by the teacher: it gets the pool's maximum), ``short_group``
+        (fewer negatives than asked; the group is padded) and ``positives`` (all positives of the examples).
     """
     if positives not in POSITIVES:
         raise ValueError(f"positives={positives!r}: expected one of {POSITIVES}")
     if positives in ("teacher_top", "gold_and_useful") and teacher_scores is None:
         raise ValueError(f"positives={positives!r} needs teacher scores")
+    if min_teacher_margin < 0:
+        raise ValueError(f"min_teacher_margin={min_teacher_margin}: must be >= 0")
+    if min_teacher_margin > 0 and positives != "teacher_top":
+        raise ValueError(f"min_teacher_margin applies to positives='teacher_top' only (positives={positives!r})")
     c = corpus.select(["pid", "text"]).to_pydict()
     texts = dict(zip(c["pid"], c["text"], strict=True))
     pools: dict[str, list[tuple[int, str, float]]] = defaultdict(list)
@@ -288,6 +295,11 @@ def build_encoder_examples(
                 continue
             fill = min(t_q.values())
             t_arr = np.array([t_q.get(p, fill) for p in pids], dtype=np.float64)
+        if min_teacher_margin > 0 and t_arr is not None and len(t_arr) > 1:
+            top2 = np.sort(t_arr)[-2:]
+            if top2[1] - top2[0] < min_teacher_margin:
+                counts["low_teacher_margin"] += 1
+                continue
         found = _positives(positives, pids, golds, t_arr, useful_quantile, texts, patterns)
         if not found:
             counts["no_answer_match"] += 1

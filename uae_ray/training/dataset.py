@@ -188,7 +188,7 @@ def _reward_group(group: pa.Table) -> pa.Table:
 
 
 def _encoder_group(group: pa.Table, *, n_hard_negatives: int, useful_quantile: float, splits: tuple[str, ...],
-                   with_teacher: bool, positives: str) -> pa.Table:
+                   with_teacher: bool, positives: str, min_teacher_margin: float) -> pa.Table:
     p = _parts(group)
     queries = p["query"].select(["qid", "question", "gold_pids", "split", "answers"])
     candidates = p["pair"].select(["qid", "pid", "rank", "base_score"])
@@ -196,6 +196,7 @@ def _encoder_group(group: pa.Table, *, n_hard_negatives: int, useful_quantile: f
     examples, counts = build_encoder_examples(
         queries, _corpus_of(p["pair"], p["gold"]), candidates, teacher if with_teacher else None,
         n_hard_negatives=n_hard_negatives, useful_quantile=useful_quantile, splits=splits, positives=positives,
+        min_teacher_margin=min_teacher_margin,
     )
     counts.pop("examples", None)  # counted by the driver from has_example
     return _output(group["qid"][0].as_py(), counts, examples[0] if examples else None, ENCODER_SCHEMA)
@@ -325,12 +326,13 @@ def build_reward_data(run_dir: RunDir, name: str, *, in_process_max_bytes: int =
 
 def build_encoder_data(run_dir: RunDir, name: str, *, teacher: tuple[str, str] | None, n_hard_negatives: int,
                        useful_quantile: float, splits: tuple[str, ...], positives: str = "gold",
-                       in_process_max_bytes: int = IN_PROCESS_MAX_BYTES) -> TrainData:
+                       min_teacher_margin: float = 0.0, in_process_max_bytes: int = IN_PROCESS_MAX_BYTES) -> TrainData:
     """Every query of ``splits``'s :class:`EncoderExample` -> ``name`` in the run directory.
 
     Args:
         teacher: (run-dir table, score column) of the teacher scores, or None (no teacher: the gold-only ablation).
         positives: what a group's positives are (:data:`uae_ray.training.data.POSITIVES`).
+        min_teacher_margin: teacher_top only: skip a query whose teacher top leads its second by less.
         in_process_max_bytes: inputs up to this size are built in this process, larger ones by Ray Data.
     """
     query_columns = ["qid", "question", "gold_pids", "split", "answers"]
@@ -342,11 +344,14 @@ def build_encoder_data(run_dir: RunDir, name: str, *, teacher: tuple[str, str] |
         table, column = teacher
         others.append(_Source(table, ["qid", "pid", column], _tagged("teacher", {column: "value"})))
     group_fn = functools.partial(_encoder_group, n_hard_negatives=n_hard_negatives, useful_quantile=useful_quantile,
-                                 splits=splits, with_teacher=teacher is not None, positives=positives)
+                                 splits=splits, with_teacher=teacher is not None, positives=positives,
+                                 min_teacher_margin=min_teacher_margin)
     params = {"teacher": teacher, "n_hard_negatives": n_hard_negatives, "useful_quantile": useful_quantile,
               "splits": list(splits)}
     if positives != "gold":  # tables built before positives existed keep their stamp
         params["positives"] = positives
+    if min_teacher_margin:  # tables built before the margin existed keep their stamp
+        params["min_teacher_margin"] = min_teacher_margin
     return _write_and_summarise(run_dir, name, params, by_pid, others, group_fn, ENCODER_SCHEMA,
                                 in_process_max_bytes)
 
