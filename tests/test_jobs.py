@@ -1,6 +1,9 @@
 """A real Ray job on a real two-node cluster: `ray start --head` + `ray start --address`, the shrunk demo pipeline
 submitted with `ray job submit --working-dir .`, followed through the Job API, its report read from the run dir,
-its logs read with `ray job logs`; then both nodes are stopped (their own process groups, never `ray stop`)."""
+its logs read with `ray job logs`; then both nodes are stopped (their own process groups, never `ray stop`).
+The job runs every step of the demo, the gold-only ablation included (configs/demo.yaml, the README's main job,
+has it); a second `uae-ray run` of the same config finds every step current and prints the result table
+without starting Ray."""
 
 from __future__ import annotations
 
@@ -16,6 +19,10 @@ from uae_ray.runtime import RunDir
 
 pytestmark = pytest.mark.slow
 SMALL = "configs/demo-small.yaml"
+# demo-small leaves the ablation out; the job adds it back, as configs/demo.yaml has it
+ABLATION = ("train-encoder-ablation={loss: infonce, output: encoder_infonce, epochs: 1, lr: 5.0e-5, "
+            "n_hard_negatives: 3, queries_per_step: 2, max_passage_length: 128, "
+            "scaling: {num_workers: 2, placement_strategy: SPREAD}}")
 
 
 @pytest.fixture
@@ -44,10 +51,10 @@ def uploaded_files(cluster: LocalCluster) -> dict[str, int]:
     return {p.relative_to(pkgs[0]).as_posix(): p.stat().st_size for p in pkgs[0].rglob("*") if p.is_file()}
 
 
-def test_demo_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster: LocalCluster, s3_run_uri: str):
+def test_demo_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster: LocalCluster, s3_run_uri: str, capsys):
     cluster = two_node_cluster
     run = s3_run_uri  # every node reaches it: the run dir a real cluster uses
-    entry = ["python", "jobs/pipeline.py", "--config", SMALL, "--run-dir", run]
+    entry = ["python", "jobs/pipeline.py", "--config", SMALL, "--run-dir", run, "--set", ABLATION]
     t0 = time.monotonic()
     out = submit_job(cluster, "uae-demo-small", entry)
     assert "Uploading package gcs://_ray_pkg_" in out
@@ -67,9 +74,11 @@ def test_demo_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster: LocalCluster,
     rd = RunDir(run)
     report = rd.read_json(S.EVAL + "/report.json")
     systems = report["settings"]["pool"]["systems"]
-    assert {"bm25", "base", "uae", "reward_rerank", "upr", "rankgpt"} <= set(systems)
+    assert {"bm25", "base", "infonce", "uae", "reward_rerank", "upr", "rankgpt"} <= set(systems)
     markers = {m: rd.read_json(f"pipeline/{m}") for m in rd.listdir("pipeline")}
-    assert {m["status"] for m in markers.values()} == {"done"} and len(markers) == 8  # ablation off
+    assert {m["status"] for m in markers.values()} == {"done"} and len(markers) == 9, sorted(markers)
+    ablation_outputs = [o.rstrip("/") for o in markers["train-encoder-ablation.json"]["outputs"]]
+    assert "encoder_infonce" in ablation_outputs, ablation_outputs
 
     # the work ran on both nodes: the trainers' DDP workers are spread (placement_strategy SPREAD in the config)
     from ray.util.state import list_actors
@@ -83,5 +92,14 @@ def test_demo_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster: LocalCluster,
     assert logs.returncode == 0, logs.stderr
     assert "| uae |" in logs.stdout
     assert "label: not run yet, running" in logs.stdout and "must not be provided" not in logs.stdout
+    # run again (here, on the driver's machine): every step is current, nothing runs, the table is printed; the
+    # CLI starts Ray only before a step that runs, so this touches no cluster
+    from uae_ray.cli import main
+
+    capsys.readouterr()
+    assert main(["run", "--config", SMALL, "--run-dir", run, "--set", ABLATION]) == 0
+    out = capsys.readouterr()
+    assert "| uae |" in out.out and "| infonce |" in out.out
+    assert {m: rd.read_json(f"pipeline/{m}")["run_id"] for m in markers} == {m: v["run_id"] for m, v in markers.items()}
     print(json.dumps({"job_seconds": round(elapsed, 1), "uploaded_files": len(files),
                       "uploaded_bytes": sum(files.values())}))

@@ -1,5 +1,6 @@
-"""The pipeline's sequencing: markers, skip when current, stale on config change, resume after a crash; and the
-demo config end to end (slow: needs every stage)."""
+"""The pipeline's sequencing: markers, skip when current, stale on config change, resume after a crash. The demo
+pipeline end to end, every stage for real, is tests/test_jobs.py: a Ray job on two nodes, then a rerun that finds
+every step current."""
 
 from __future__ import annotations
 
@@ -311,25 +312,3 @@ def test_cli_evaluate_names_a_missing_student_before_ray_starts(tmp_path: Path, 
 def test_until_must_name_a_step(tmp_path: Path):
     with pytest.raises(ValueError, match="--until 'serve'"):
         pipeline.run(_cfg(), RunDir(tmp_path / "run"), until="serve")
-
-
-@pytest.mark.slow
-def test_demo_pipeline_end_to_end_shrunk(tmp_path: Path, ray_session, capsys):
-    cfg = _cfg(
-        "prepare.max_docs_per_split=3",
-        "train-reward.epochs=1", "train-encoder.epochs=1", "train-encoder-ablation.epochs=1",
-        # 3 train documents x 3 questions: steps of 2 workers x 2 queries fit the shrunk data
-        "train-reward.queries_per_step=2", "train-encoder.queries_per_step=2",
-        "train-encoder-ablation.queries_per_step=2",
-        "evaluate.llm_rerank_max_queries=2", "evaluate.generate_max_queries=2", "evaluate.max_new_tokens=8",
-        "evaluate.rerank_top_k=4", "evaluate.rankgpt_window=3", "evaluate.rankgpt_step=2",
-    )
-    rd = RunDir(tmp_path / "run")
-    result = pipeline.run(cfg, rd)
-    assert [r["state"] for r in result.values()] == ["new"] * 9
-    report = json.loads((rd.local_path(S.EVAL) / "report.json").read_text())
-    systems = report["settings"]["pool"]["systems"]
-    assert {"bm25", "base", "infonce", "uae", "reward_rerank", "upr", "rankgpt"} <= set(systems)
-    assert "| uae |" in capsys.readouterr().out  # the result table is printed
-    again = pipeline.run(cfg, rd)
-    assert {r["state"] for r in again.values()} == {"current"}

@@ -55,7 +55,7 @@ def trainer_inputs(cfg: TrainEncoderConfig, run_dir: RunDir) -> tuple[dict[str, 
     if not data.n_examples:
         raise ValueError(f"{run_dir.uri}: no training query of splits {cfg.splits} has positives "
                          f"({cfg.positives}) and a pool (counts: {counts})")
-    return loop_config(cfg, data, run_dir, cfg.output), train_datasets(run_dir, data.name), counts
+    return loop_config(cfg, data, run_dir, cfg.output), train_datasets(run_dir, data), counts
 
 
 def run(cfg: TrainEncoderConfig, run_dir: RunDir) -> dict:

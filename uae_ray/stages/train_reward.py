@@ -77,7 +77,7 @@ def trainer_inputs(cfg: TrainRewardConfig, run_dir: RunDir) -> RewardInputs:
     train_data = replace(data, n_examples=len(train), row_hashes=sorted(h for _, h in train))
     return RewardInputs(
         loop_config=loop_config(cfg, train_data, run_dir, REWARD_MODEL),
-        datasets=train_datasets(run_dir, data.name, where),
+        datasets=train_datasets(run_dir, data, where),
         train=[q for q, _ in train],
         heldout=[q for q, d, s, _ in rows if s == "train" and d in held],
         dev=[q for q, _, s, _ in rows if s == "dev"],

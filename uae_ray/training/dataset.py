@@ -30,8 +30,10 @@ epoch's order is then the seeded permutation ``default_rng([seed, epoch])`` of t
 the queries at positions ``(step * world + r) * per_worker ...`` of it: the same assignment as before this module
 (disjoint queries per rank and step, a global batch of ``queries_per_step x workers``, the last partial global batch
 dropped). At each epoch start a worker streams the table once and keeps only the rows of *its own* remaining steps
-(memory: its 1/world share of one epoch), so a run resumed at ``(epoch, step)`` replays exactly the batches it
-would have run. The order thus depends only on the seed, the epoch and the set of query ids.
+(memory: its 1/world share of one epoch); a table of at most :data:`CACHE_MAX_BYTES` is streamed once per run and
+kept whole in the worker's memory instead (one Ray Data execution, not one per epoch, and the ids read from it).
+Either way a run resumed at ``(epoch, step)`` replays exactly the batches it would have run. The order thus depends
+only on the seed, the epoch and the set of query ids.
 
 Why not ``streaming_split`` (``datasets_to_split="all"``): it hands blocks to whichever rank has received the fewest
 rows so far, so which queries a rank gets follows the table's block sizes and arrival order; ``preserve_order``
@@ -69,6 +71,9 @@ TRAIN, TRAIN_QIDS = "train", "train_qids"  # the Ray Train dataset names
 PARTITION_BYTES = 256 * 1024**2  # input bytes per hash-shuffle partition
 #: inputs up to this many bytes (Parquet on disk) are built in the driver's process instead of by Ray Data
 IN_PROCESS_MAX_BYTES = 64 * 1024**2
+#: a built table up to this many bytes (Parquet on disk) is kept in each worker's memory after its first pass over it,
+#: instead of being streamed again every epoch (each pass is a Ray Data execution: seconds of start-up even when small)
+CACHE_MAX_BYTES = 64 * 1024**2
 BUILD_RECORD = "_build.json"  # inside a built table: what it was built from (readers of Parquet skip "_" files)
 BUILD_VERSION = 1  # bump when the built rows change for the same inputs
 
@@ -103,12 +108,13 @@ ENCODER_SCHEMA = pa.schema([
 @dataclass(frozen=True)
 class TrainData:
     """What the driver keeps of a built example table: where it is, how many examples, the skip counts and the
-    sorted per-example hashes (for the checkpoint fingerprint)."""
+    sorted per-example hashes (for the checkpoint fingerprint) and the table's size."""
 
     name: str  # run-dir directory of the table
     n_examples: int
     counts: dict[str, int]
     row_hashes: list[str]
+    nbytes: int = 0  # Parquet bytes on the run dir (decides whether workers keep it in memory across epochs)
 
 
 # ------------------------------------------------------------------------------------------------------- building
@@ -309,7 +315,8 @@ def _write_and_summarise(run_dir: RunDir, name: str, params: dict[str, Any], by_
         counts.update(json.loads(c))
     hashes = sorted(h for h, ok in zip(small["row_hash"].to_pylist(), small["has_example"].to_pylist(), strict=True)
                     if ok)
-    return TrainData(name, len(hashes), dict(counts), hashes)
+    nbytes = sum(i.size or 0 for i in _input_files(run_dir, [name]))
+    return TrainData(name, len(hashes), dict(counts), hashes, nbytes)
 
 
 def build_reward_data(run_dir: RunDir, name: str, *, in_process_max_bytes: int = IN_PROCESS_MAX_BYTES) -> TrainData:
@@ -356,7 +363,7 @@ def build_encoder_data(run_dir: RunDir, name: str, *, teacher: tuple[str, str] |
                                 in_process_max_bytes)
 
 
-def train_datasets(run_dir: RunDir, name: str, where: Any = None) -> dict[str, Any]:
+def train_datasets(run_dir: RunDir, data: TrainData, where: Any = None) -> dict[str, Any]:
     """The Ray Train ``datasets=`` of a built table: ``train`` (the examples, optionally filtered by the Ray Data
     expression ``where``) and ``train_qids`` (their ids only)."""
     import ray.data
@@ -367,8 +374,14 @@ def train_datasets(run_dir: RunDir, name: str, where: Any = None) -> dict[str, A
         keep = keep & where
     # materialized once into the object store (blocks on the nodes, spilled to disk when large; the driver holds
     # only their references): every worker iterates it each epoch, and re-reading the files costs each worker tens
-    # of seconds of Ray Data start-up per epoch on a small cluster
-    ds = ray.data.read_parquet(run_dir.path(name), filesystem=run_dir.fs).filter(expr=keep).materialize()
+    # of seconds of Ray Data start-up per epoch on a small cluster. A small table is read by the driver and put in
+    # the object store as it is: Ray Data's read tasks cost seconds even for a few rows (5-9 s against 0.15 s for
+    # 14 rows on the 2-core test machine)
+    if data.nbytes <= CACHE_MAX_BYTES:
+        source = ray.data.from_arrow(run_dir.read_table(data.name))
+    else:
+        source = ray.data.read_parquet(run_dir.path(data.name), filesystem=run_dir.fs)
+    ds = source.filter(expr=keep).materialize()
     return {TRAIN: ds, TRAIN_QIDS: ds.select_columns(["qid"]).materialize()}
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
@@ -39,7 +40,15 @@ from uae_ray.losses import (
 from uae_ray.runtime import RunDir
 from uae_ray.training.checkpoint import TrainState, resume_state, save_checkpoint, training_fingerprint, unwrap
 from uae_ray.training.data import EncoderExample, RewardGroup, collate_encoder, collate_reward, steps_per_epoch
-from uae_ray.training.dataset import TRAIN, TRAIN_QIDS, TrainData, rank_batches, rank_plan, sorted_qids
+from uae_ray.training.dataset import (
+    CACHE_MAX_BYTES,
+    TRAIN,
+    TRAIN_QIDS,
+    TrainData,
+    rank_batches,
+    rank_plan,
+    sorted_qids,
+)
 
 StepFn = Callable[[list[Any], np.random.Generator], torch.Tensor]
 
@@ -61,7 +70,8 @@ def loop_config(cfg: TrainEncoderConfig | TrainRewardConfig, data: TrainData, ru
     checkpoints are recorded under (config + the built examples' content hashes)."""
     dumped = cfg.model_dump()
     return {"cfg": dumped, "run_dir": run_dir.uri, "output": output, "checkpoint_every": cfg.checkpoint_every_steps,
-            "fingerprint": training_fingerprint(dumped, data.row_hashes)}
+            "fingerprint": training_fingerprint(dumped, data.row_hashes),
+            "cache_examples": data.nbytes <= CACHE_MAX_BYTES}
 
 
 def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str) -> TrainState:
@@ -95,14 +105,20 @@ def _report(
 def _run_epochs(
     *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, step_fn: StepFn, kind: type,
     epochs: int, per_worker: int, seed: int, rank: int, world: int, checkpoint_every: int, desc: str,
+    cache: bool = False,
 ) -> TrainState:
     """The step loop shared by both models (examples of type ``kind`` from the ``train`` dataset); returns the final
-    state."""
+    state. ``cache``: read the (small) table once and keep it, instead of streaming it every epoch."""
     import ray.train
     from tqdm.auto import tqdm
 
     shard = ray.train.get_dataset_shard(TRAIN)
-    qids = sorted_qids(ray.train.get_dataset_shard(TRAIN_QIDS).iter_batches(batch_format="pyarrow"))
+    cached: list[pa.Table] | None = None
+    if cache:
+        cached = list(shard.iter_batches(batch_format="pyarrow"))
+        qids = sorted_qids(cached)
+    else:
+        qids = sorted_qids(ray.train.get_dataset_shard(TRAIN_QIDS).iter_batches(batch_format="pyarrow"))
     n_steps = steps_per_epoch(len(qids), world, per_worker)
     if n_steps == 0:
         raise ValueError(
@@ -116,7 +132,8 @@ def _run_epochs(
         first = state.step_in_epoch  # > 0 only in the epoch a run resumed in: its done steps are skipped
         plan = rank_plan(qids, epoch=epoch, first_step=first, n_steps=n_steps, rank=rank, world=world,
                          per_worker=per_worker, seed=seed)
-        batches = rank_batches(shard.iter_batches(batch_format="pyarrow"), plan, kind)
+        table = cached if cached is not None else shard.iter_batches(batch_format="pyarrow")
+        batches = rank_batches(table, plan, kind)
         for step, batch in enumerate(batches, start=first):
             model.train()
             loss = step_fn(batch, np.random.default_rng([seed, epoch, step, rank]))
@@ -170,6 +187,7 @@ def reward_train_loop(config: dict[str, Any]) -> None:
         model=model, optimizer=optimizer, state=state, step_fn=step, kind=RewardGroup, epochs=cfg.epochs,
         per_worker=cfg.queries_per_step, seed=cfg.seed, rank=rank, world=world,
         checkpoint_every=int(config.get("checkpoint_every", 0)), desc="train-reward",
+        cache=bool(config.get("cache_examples", False)),
     )
     if rank == 0:
         final = unwrap(model)
@@ -262,6 +280,7 @@ def encoder_train_loop(config: dict[str, Any]) -> None:
         model=model, optimizer=optimizer, state=state, step_fn=step, kind=EncoderExample, epochs=cfg.epochs,
         per_worker=cfg.queries_per_step, seed=cfg.seed, rank=rank, world=world,
         checkpoint_every=int(config.get("checkpoint_every", 0)), desc=f"train-encoder ({cfg.loss})",
+        cache=bool(config.get("cache_examples", False)),
     )
     if rank == 0:
         with RunDir(config["run_dir"]).staged_dir(config["output"]) as out:
