@@ -19,10 +19,11 @@ from uae_ray.runtime import RunDir
 
 pytestmark = pytest.mark.slow
 SMALL = "configs/demo-small.yaml"
-# demo-small leaves the ablation out; the job adds it back, as configs/demo.yaml has it
+# demo-small leaves the ablation out; the job adds it back, and its evaluation, as configs/demo.yaml has them
 ABLATION = ("train-encoder-ablation={loss: infonce, output: encoder_infonce, epochs: 1, lr: 5.0e-5, "
             "n_hard_negatives: 3, queries_per_step: 2, max_passage_length: 128, "
             "scaling: {num_workers: 2, placement_strategy: SPREAD}}")
+SETS = ["--set", ABLATION, "--set", "evaluate.systems=[bm25, base, infonce, uae, reward_rerank, upr, rankgpt]"]
 
 
 @pytest.fixture
@@ -54,11 +55,11 @@ def uploaded_files(cluster: LocalCluster) -> dict[str, int]:
 def test_demo_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster: LocalCluster, s3_run_uri: str, capsys):
     cluster = two_node_cluster
     run = s3_run_uri  # every node reaches it: the run dir a real cluster uses
-    entry = ["python", "jobs/pipeline.py", "--config", SMALL, "--run-dir", run, "--set", ABLATION]
+    entry = ["python", "jobs/pipeline.py", "--config", SMALL, "--run-dir", run, *SETS]
     t0 = time.monotonic()
     out = submit_job(cluster, "uae-demo-small", entry)
     assert "Uploading package gcs://_ray_pkg_" in out
-    assert wait_for_job(cluster, "uae-demo-small", timeout_s=480) == "SUCCEEDED"
+    assert wait_for_job(cluster, "uae-demo-small", timeout_s=900) == "SUCCEEDED"
     elapsed = time.monotonic() - t0
 
     # what was uploaded: the code and the configs, not venvs, runs, bench results or git
@@ -97,7 +98,7 @@ def test_demo_pipeline_as_a_ray_job_on_two_nodes(two_node_cluster: LocalCluster,
     from uae_ray.cli import main
 
     capsys.readouterr()
-    assert main(["run", "--config", SMALL, "--run-dir", run, "--set", ABLATION]) == 0
+    assert main(["run", "--config", SMALL, "--run-dir", run, *SETS]) == 0
     out = capsys.readouterr()
     assert "| uae |" in out.out and "| infonce |" in out.out
     assert {m: rd.read_json(f"pipeline/{m}")["run_id"] for m in markers} == {m: v["run_id"] for m, v in markers.items()}

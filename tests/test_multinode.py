@@ -268,8 +268,13 @@ def test_train_encoder_node_dies_midway_resumes_from_checkpoint(two_workers: Mul
     total = steps_per_epoch(14, 2, 2) * 3
     assert summary["steps"] == total
     assert summary["resumed_from_step"] and 2 <= summary["resumed_from_step"][0] < total, summary
-    history = json.loads((rd.fetch_dir(cfg.output) / "training.json").read_text())["state"]["history"]
+    model_dir = rd.fetch_dir(cfg.output)  # committed to the object store, fetched and verified against its record
+    assert "model.safetensors" in rd.commit_record(cfg.output)["files"]
+    history = json.loads((model_dir / "training.json").read_text())["state"]["history"]
     assert [h["step"] for h in history] == list(range(1, total + 1))  # continued from the checkpoint, no repeats
+    from sentence_transformers import SentenceTransformer
+
+    assert SentenceTransformer(str(model_dir), device="cpu").encode(["a question"]).shape == (1, 384)
     first = before | {w.actor_id for w in workers}
     restarted = [a for a in _train_workers(alive_only=False) if a.actor_id not in first]
     assert len(restarted) == 2 and victim not in {a.node_id for a in restarted}, restarted

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -181,7 +182,8 @@ def test_removal_refuses_paths_outside_the_run_dir(tmp_path: Path):
 
 def test_standalone_stage_uses_the_pipeline_markers(tmp_path: Path, caplog):
     """`uae-ray prepare` on its own: the marker `uae-ray run` reads; current -> skipped, changed -> stale with the
-    reason, --force -> rerun, an edited input file -> stale; and `uae-ray run` sees the standalone's marker."""
+    reason, --force -> rerun, an edited input file -> stale (a touched one: current); and `uae-ray run` sees the
+    standalone's marker."""
     caplog.set_level(logging.INFO, logger="uae_ray")
     data = tmp_path / "demo.jsonl"
     data.write_bytes(DEMO_DATA.read_bytes())
@@ -198,6 +200,10 @@ def test_standalone_stage_uses_the_pipeline_markers(tmp_path: Path, caplog):
     assert rd.local_path(S.CORPUS).stat().st_mtime_ns == mtime
     forced = pipeline.run_stage("prepare", cfg, rd, force=True)
     assert forced["state"] == "forced" and rd.local_path(S.CORPUS).stat().st_mtime_ns != mtime
+    # an input file with another mtime (copied to another machine, unpacked from a Ray job's package) and the same
+    # bytes is the same input: inputs count by content
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns - 10**12))
+    assert pipeline.run_stage("prepare", cfg, rd)["state"] == "current"
     caplog.clear()
     changed = pipeline.run_stage("prepare", cfg.model_copy(update={"max_passage_tokens": 64}), rd)
     assert changed["state"] == "stale" and changed["why"] == ["max_passage_tokens"]

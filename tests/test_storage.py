@@ -1,6 +1,8 @@
 """The run directory on a real S3 HTTP endpoint (moto on 127.0.0.1) and on local disk: the commit protocol (single
 objects, versioned directories with a commit record, verified fetches, atomic local swaps), the single-writer lease
-(conditional create, heartbeat, take-over, fencing) and writer-scoped temp clean-up; Ray Train checkpoints on S3."""
+(conditional create, heartbeat, take-over, fencing) and writer-scoped temp clean-up. Ray Train's checkpoints and
+models on S3, and their resume, are in tests/test_multinode.py (a node dies mid-run); the restore of a final
+checkpoint whose model directory was lost is in tests/test_training.py."""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pytest
 
 from uae_ray.storage import (
@@ -223,33 +224,3 @@ def test_temp_cleanup_never_touches_this_writers_temps_and_others_only_when_safe
         assert rd.remove_stale_temps("parts") == 1  # under the lease nobody else may write: theirs go, mine stays
         assert sorted(os.listdir(d)) == [mine, "part-000000.parquet"]
     assert rd.read_table("parts").num_rows == 1  # readers skip dot files
-
-
-# ------------------------------------------------------------------------------------ Ray Train on S3
-@pytest.mark.slow
-def test_train_encoder_checkpoints_and_model_in_s3_and_resume_from_there(ray_session, s3_run_uri, tmp_path):
-    from _training_data import build_tiny_run
-    from sentence_transformers import SentenceTransformer
-
-    from uae_ray.config import TrainEncoderConfig, TrainScaling
-    from uae_ray.stages import train_encoder
-
-    rd = build_tiny_run(s3_run_uri, n_docs=4)
-    cfg = TrainEncoderConfig(max_query_length=32, max_passage_length=48, queries_per_step=2, n_hard_negatives=2,
-                             epochs=1, checkpoint_every_steps=1, loss="infonce", output="encoder_infonce",
-                             scaling=TrainScaling(num_workers=2))
-    first = train_encoder.run(cfg, rd)
-    ckpts = [i.path for i in rd.fs.get_file_info(pafs.FileSelector(rd.path("checkpoints"), recursive=True))
-             if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory]
-    assert ckpts, "no Ray Train checkpoint in the object store"
-    rec = rd.commit_record("encoder_infonce")
-    assert "model.safetensors" in rec["files"]
-    model = SentenceTransformer(str(rd.fetch_dir("encoder_infonce", cache_root=tmp_path)), device="cpu")
-    assert model.encode(["a question"]).shape == (1, 384)
-
-    # the model directory is lost after the last checkpoint (e.g. the driver died while saving): the rerun
-    # restores from the checkpoint in the object store instead of training again
-    rd.remove("encoder_infonce")
-    rd.remove("encoder_infonce_report.json")
-    again = train_encoder.run(cfg, rd)
-    assert again["steps"] == first["steps"] and again["resumed_from_step"] == [first["steps"]]

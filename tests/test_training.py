@@ -382,6 +382,7 @@ def test_ray_data_builds_the_same_examples_and_the_loop_config_carries_none(trai
     # the old loop config pickled every example: now about 1 KB whatever the data, and no text in it
     old_size = pickled_size({"examples": [asdict(e) for e in want]})
     for loop_cfg in (config, inputs.loop_config):
+        assert loop_cfg["cache_examples"] is True  # a small table: each worker reads it once, not every epoch
         size = pickled_size(loop_cfg)
         assert size < 2048 < old_size, (size, old_size)
         blob = repr(loop_cfg)
@@ -438,14 +439,20 @@ def test_train_encoder_two_workers_lowers_loss_and_saves_sentence_transformer(ra
 
 
 @pytest.mark.slow
-def test_kill_midway_then_rerun_resumes_from_checkpoint(ray_session, tmp_path):
+def test_kill_midway_then_rerun_resumes_from_checkpoint(ray_session, tmp_path, monkeypatch):
+    """The trainer's driver is killed after a checkpoint; the rerun resumes from it and continues the step counter.
+    The rerun takes the path of a large example table (Ray Data read tasks, streamed by each worker every epoch),
+    which no small test table takes otherwise, so that path is shown to resume exactly too. Then the model
+    directory is lost after the last checkpoint (the driver died while saving): a rerun restores the final
+    checkpoint instead of training again."""
     import ray
 
     from uae_ray.stages import train_encoder
+    from uae_ray.training import dataset
 
     rd = build_tiny_run(str(tmp_path / "run"), n_docs=8)
     overrides = ["max_query_length=32", "max_passage_length=48", "queries_per_step=2", "n_hard_negatives=3",
-                 "lr=2e-4", "epochs=5", "checkpoint_every_steps=2", "scaling.num_workers=2", "loss=infonce",
+                 "lr=2e-4", "epochs=3", "checkpoint_every_steps=2", "scaling.num_workers=2", "loss=infonce",
                  "output=encoder_infonce"]
     cmd = [sys.executable, "-m", "uae_ray.cli", "train-encoder", "--run-dir", rd.uri,
            "--address", ray.get_runtime_context().gcs_address]
@@ -469,13 +476,22 @@ def test_kill_midway_then_rerun_resumes_from_checkpoint(ray_session, tmp_path):
         proc.wait()
     assert not rd.dir_complete("encoder_infonce"), "the run finished before it was killed"
 
-    cfg = _encoder_cfg(epochs=5, checkpoint_every_steps=2, loss="infonce", output="encoder_infonce")
+    monkeypatch.setattr(dataset, "CACHE_MAX_BYTES", 0)  # decided on the driver: in_memory() is False for this run
+    cfg = _encoder_cfg(epochs=3, checkpoint_every_steps=2, loss="infonce", output="encoder_infonce")
     summary = train_encoder.run(cfg, rd)
-    total = steps_per_epoch(14, 2, 2) * 5
+    total = steps_per_epoch(14, 2, 2) * 3
     assert summary["steps"] == total
     assert summary["resumed_from_step"] and 2 <= summary["resumed_from_step"][0] < total
     history = json.loads((rd.local_path("encoder_infonce") / "training.json").read_text())["state"]["history"]
     assert [h["step"] for h in history] == list(range(1, total + 1))  # the step counter continued, no repeats
+
+    rd.remove("encoder_infonce")
+    rd.remove("encoder_infonce_report.json")
+    again = train_encoder.run(cfg, rd)
+    # the model's resume history: the resume after the kill, then this restore of the final checkpoint
+    assert again["steps"] == total and again["resumed_from_step"] == [*summary["resumed_from_step"], total]
+    assert [h["step"] for h in json.loads((rd.local_path("encoder_infonce") / "training.json").read_text())[
+        "state"]["history"]] == list(range(1, total + 1))
 
 
 def test_lora_student_trains_and_saves_merged(tmp_path):

@@ -189,17 +189,28 @@ def _write_query(cfg: PrepareConfig, source: str, q: Query, windows_of: dict[str
 
 
 def input_stamps(cfg: PrepareConfig) -> list[Any]:
-    """(path, size, mtime) of each input file (of every file of a local ``hf_dataset`` folder; a hub id counts by
-    name only): what the pipeline's marker records so that an edited input makes prepare stale."""
-    paths = [Path(spec.path).expanduser() for spec in cfg.inputs]
+    """What the pipeline's marker records of the input files, so that an edited input makes prepare stale: each
+    file's size and SHA-256 (every file of a local ``hf_dataset`` folder, with its path inside it; a hub id counts by
+    name only; a missing file by its path as configured).
+
+    By content, not by path and mtime: the same run directory is read from other machines (a Ray job's driver runs
+    in the unpacked working-dir package, the user's laptop in its checkout) where the same file has another absolute
+    path and mtime; neither is a change. The configured paths themselves are part of the config."""
     stamps: list[Any] = []
     if cfg.hf_dataset and Path(cfg.hf_dataset).expanduser().is_dir():
-        paths = sorted(p for p in Path(cfg.hf_dataset).expanduser().rglob("*") if p.is_file())
-    elif cfg.hf_dataset:
-        stamps.append(cfg.hf_dataset)
-    for p in paths:
-        st = p.stat() if p.exists() else None
-        stamps.append([str(p.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None])
+        root = Path(cfg.hf_dataset).expanduser()
+        files = [(p.relative_to(root).as_posix(), p) for p in sorted(root.rglob("*")) if p.is_file()]
+    else:
+        if cfg.hf_dataset:
+            stamps.append(cfg.hf_dataset)
+        files = [(None, Path(spec.path).expanduser()) for spec in cfg.inputs]
+    for name, p in files:
+        if not p.is_file():
+            stamps.append([str(p), None])
+            continue
+        with p.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        stamps.append([name, p.stat().st_size, digest] if name else [p.stat().st_size, digest])
     return stamps
 
 

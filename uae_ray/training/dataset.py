@@ -363,6 +363,13 @@ def build_encoder_data(run_dir: RunDir, name: str, *, teacher: tuple[str, str] |
                                 in_process_max_bytes)
 
 
+def in_memory(data: TrainData) -> bool:
+    """Whether a built table is small enough (:data:`CACHE_MAX_BYTES`) to go to the object store from the driver's
+    memory and to be kept whole in each worker's memory across epochs; larger ones are read by Ray Data's read tasks
+    and streamed by each worker once per epoch."""
+    return data.nbytes <= CACHE_MAX_BYTES
+
+
 def train_datasets(run_dir: RunDir, data: TrainData, where: Any = None) -> dict[str, Any]:
     """The Ray Train ``datasets=`` of a built table: ``train`` (the examples, optionally filtered by the Ray Data
     expression ``where``) and ``train_qids`` (their ids only)."""
@@ -377,7 +384,7 @@ def train_datasets(run_dir: RunDir, data: TrainData, where: Any = None) -> dict[
     # of seconds of Ray Data start-up per epoch on a small cluster. A small table is read by the driver and put in
     # the object store as it is: Ray Data's read tasks cost seconds even for a few rows (5-9 s against 0.15 s for
     # 14 rows on the 2-core test machine)
-    if data.nbytes <= CACHE_MAX_BYTES:
+    if in_memory(data):
         source = ray.data.from_arrow(run_dir.read_table(data.name))
     else:
         source = ray.data.read_parquet(run_dir.path(data.name), filesystem=run_dir.fs)

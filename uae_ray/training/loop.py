@@ -41,10 +41,10 @@ from uae_ray.runtime import RunDir
 from uae_ray.training.checkpoint import TrainState, resume_state, save_checkpoint, training_fingerprint, unwrap
 from uae_ray.training.data import EncoderExample, RewardGroup, collate_encoder, collate_reward, steps_per_epoch
 from uae_ray.training.dataset import (
-    CACHE_MAX_BYTES,
     TRAIN,
     TRAIN_QIDS,
     TrainData,
+    in_memory,
     rank_batches,
     rank_plan,
     sorted_qids,
@@ -71,7 +71,7 @@ def loop_config(cfg: TrainEncoderConfig | TrainRewardConfig, data: TrainData, ru
     dumped = cfg.model_dump()
     return {"cfg": dumped, "run_dir": run_dir.uri, "output": output, "checkpoint_every": cfg.checkpoint_every_steps,
             "fingerprint": training_fingerprint(dumped, data.row_hashes),
-            "cache_examples": data.nbytes <= CACHE_MAX_BYTES}
+            "cache_examples": in_memory(data)}
 
 
 def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str) -> TrainState:
