@@ -8,6 +8,7 @@ marks completion.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -208,10 +209,18 @@ def input_stamps(cfg: PrepareConfig) -> list[Any]:
         if not p.is_file():
             stamps.append([str(p), None])
             continue
-        with p.open("rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        stamps.append([name, p.stat().st_size, digest] if name else [p.stat().st_size, digest])
+        st = p.stat()
+        digest = _sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)
+        stamps.append([name, st.st_size, digest] if name else [st.st_size, digest])
     return stamps
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file, read once per process while its (path, size, mtime) stay the same: a step's freshness
+    check and its run both stamp the inputs."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fingerprint(cfg: PrepareConfig) -> str:
