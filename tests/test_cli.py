@@ -103,7 +103,7 @@ def test_a_current_stage_is_skipped_without_starting_ray(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_standalone_train_encoder_current_stale_forced_and_foreign_checkpoints(ray_session, tmp_path, caplog):
+def test_standalone_train_encoder_current_stale_and_foreign_checkpoints(ray_session, tmp_path, caplog):
     """`uae-ray train-encoder` on its own: a finished run with the same config is skipped without Ray work, `--set
     lr=...` retrains from step 0 (the old checkpoints are gone or foreign); and a checkpoint of another config left
     in the run dir is never resumed. (`--force` is the same rule for every stage: tests/test_pipeline.py.)"""
