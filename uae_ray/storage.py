@@ -127,7 +127,8 @@ def _temp_writer(name: str) -> str | None:
     return name.split(_TEMP, 1)[1].rsplit("-", 1)[0]
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
@@ -138,7 +139,7 @@ def _sha256_file(path: Path) -> str:
 def _file_manifest(root: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {size, sha256}} of every file under ``root`` but the commit record."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != SUCCESS_MARKER)
-    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256_file(p)} for p in files}
+    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
 
 
 _RENAME_EXCHANGE = 2
@@ -436,7 +437,7 @@ class RunDir:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     pafs.copy_files(f"{src}/{rel}", str(dest), source_filesystem=self.fs,
                                     destination_filesystem=pafs.LocalFileSystem())
-                    if dest.stat().st_size != meta["size"] or _sha256_file(dest) != meta["sha256"]:
+                    if dest.stat().st_size != meta["size"] or sha256_file(dest) != meta["sha256"]:
                         raise ValueError(f"{src}/{rel}: size or sha256 differs from its commit record")
                 (scratch / SUCCESS_MARKER).write_text(json.dumps(record) + "\n")
             try:

@@ -28,6 +28,7 @@ from uae_ray.data.chunking import Windower, gold_windows
 from uae_ray.data.loaders import FILE_LOADERS, Chunk, DataError, LoadStats, Query, load_hf
 from uae_ray.data.splits import split_for_document
 from uae_ray.runtime import RunDir
+from uae_ray.storage import sha256_file
 
 log = logging.getLogger("uae_ray")
 
@@ -210,17 +211,15 @@ def input_stamps(cfg: PrepareConfig) -> list[Any]:
             stamps.append([str(p), None])
             continue
         st = p.stat()
-        digest = _sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)
-        stamps.append([name, st.st_size, digest] if name else [st.st_size, digest])
+        stamps.append([name, st.st_size, _sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)])
     return stamps
 
 
 @functools.lru_cache(maxsize=1024)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """SHA-256 of a file, read once per process while its (path, size, mtime) stay the same: a step's freshness
-    check and its run both stamp the inputs."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """:func:`uae_ray.storage.sha256_file`, read once per process while the file's (path, size, mtime) stay the
+    same: a step's freshness check and its run both stamp the inputs."""
+    return sha256_file(Path(path))
 
 
 def fingerprint(cfg: PrepareConfig) -> str:
