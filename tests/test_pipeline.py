@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,30 @@ def test_evaluate_students_are_inputs_and_stamped(tmp_path: Path):
     assert first not in (None, absent)
     with rd.staged_dir("encoder_kl") as d:
         (d / "model.txt").write_text("v2, retrained")
+    second = pipeline.source_fingerprint(step, rd)
+    assert second != first
+    # by content: the run dir copied to another place (new mtimes, new absolute paths) is the same evaluation
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run", copy)  # copytree keeps mtimes: move them, as a download or an unpack would
+    for f in copy.rglob("*"):
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**12))
+    assert pipeline.source_fingerprint(pipeline.step_for("evaluate", cfg, RunDir(copy)), RunDir(copy)) == second
+
+
+def test_evaluate_local_student_dirs_count_by_content(tmp_path: Path):
+    """A student given as a local directory is stamped by its files' contents: the same model touched or unpacked
+    again (other mtimes) keeps the evaluation current; an edited weight file makes it stale."""
+    rd = RunDir(tmp_path / "run")
+    model = tmp_path / "students" / "kl"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"\x00" * 1024)
+    (model / "config.json").write_text("{}")
+    step = pipeline.step_for("evaluate", EvaluateConfig(students={"kl": str(model)}, compare_to=["kl"]), rd)
+    first = pipeline.source_fingerprint(step, rd)
+    for f in model.iterdir():  # touched, not edited
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**12))
+    assert pipeline.source_fingerprint(step, rd) == first
+    (model / "model.safetensors").write_bytes(b"\x01" + b"\x00" * 1023)  # same size, new weights
     assert pipeline.source_fingerprint(step, rd) != first
 
 

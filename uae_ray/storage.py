@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import json
 import logging
@@ -134,6 +135,18 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """:func:`sha256_file` of a local file, read once per process while its (resolved path, size, mtime) stay the
+    same: freshness checks stamp inputs by content, and a step's check and its run both stamp them."""
+    st = path.stat()
+    return _sha256_once(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_once(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
 
 
 def _file_manifest(root: Path) -> dict[str, dict[str, Any]]:
@@ -324,6 +337,14 @@ class RunDir:
     def read_text(self, name: str) -> str:
         with self.fs.open_input_stream(self.path(name)) as f:
             return f.read().decode("utf-8")
+
+    def sha256(self, name: str) -> str:
+        """Hex SHA-256 of file ``name`` (streamed in chunks from the local disk or the object store)."""
+        h = hashlib.sha256()
+        with self.fs.open_input_stream(self.path(name)) as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_text(name, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

@@ -13,13 +13,15 @@ import pyarrow as pa
 
 
 def encoder_fingerprint(path: str) -> str:
-    """sha1 over (relative path, size, mtime) of the model files of a local directory; the path itself otherwise."""
+    """sha1 over (relative path, size, SHA-256) of the model files of a local directory; the path itself otherwise
+    (a hub id or a name). By content: the same model copied to another machine or unpacked again is the same."""
+    from uae_ray.storage import file_sha256
+
     p = Path(path)
     h = hashlib.sha1()
     if p.is_dir():
         for f in sorted(x for x in p.rglob("*") if x.is_file()):
-            st = f.stat()
-            h.update(f"{f.relative_to(p).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            h.update(f"{f.relative_to(p).as_posix()}:{f.stat().st_size}:{file_sha256(f)}\n".encode())
     else:
         h.update(path.encode())
     return h.hexdigest()

@@ -48,6 +48,7 @@ from uae_ray.config import ActorPool, StageConfig, run_dir_name_problem
 from uae_ray.data import schema as S
 from uae_ray.runtime import RunDir
 from uae_ray.stages.registry import STAGES, STEPS, PipelineConfig, Stage, own_step_name, with_label
+from uae_ray.storage import SUCCESS_MARKER
 
 log = logging.getLogger("uae_ray")
 MARKERS = "pipeline"
@@ -124,8 +125,11 @@ def config_changes(stored: Any, config: BaseModel, prefix: str = "") -> list[str
 def source_fingerprint(step: Step, run_dir: RunDir) -> str | None:
     """Fingerprint of what ``step`` reads that no upstream marker stands for: prepare's input files
     (:func:`uae_ray.stages.prepare.input_stamps`), the teacher scores mine mixes in (``reward_weight`` > 0), the
-    models of evaluate's extra ``students`` (a ``run:<dir>``'s commit marker, a local directory's files: retrained
-    by a step outside this pipeline or by another run). None: nothing such."""
+    models of evaluate's extra ``students`` (a ``run:<dir>``'s commit record, a local directory's files: retrained
+    by a step outside this pipeline or by another run). None: nothing such.
+
+    Every part counts by content (SHA-256), never by mtime or absolute path: the run directory is read from other
+    machines (a Ray job's driver, a copy of the run dir) where the same bytes have other mtimes."""
     cfg: Any = step.config
     parts: list[Any] = []
     if step.stage.name == "prepare":
@@ -133,15 +137,14 @@ def source_fingerprint(step: Step, run_dir: RunDir) -> str | None:
 
         parts = input_stamps(cfg)
     elif step.stage.name == "mine" and cfg.reward_weight > 0:
-        info = run_dir.fs.get_file_info(run_dir.path(S.TEACHER_SCORES))
-        parts = [S.TEACHER_SCORES, info.size, info.mtime_ns]
+        parts = [S.TEACHER_SCORES, run_dir.sha256(S.TEACHER_SCORES) if run_dir.exists(S.TEACHER_SCORES) else None]
     elif step.stage.name == "evaluate":
         from uae_ray.index.source import encoder_fingerprint
 
         for name, spec in sorted(cfg.students.items()):
             if spec.startswith("run:"):
-                info = run_dir.fs.get_file_info(run_dir.path(f"{spec.removeprefix('run:')}/_SUCCESS"))
-                parts.append([name, spec, info.size, info.mtime_ns])
+                marker = f"{spec.removeprefix('run:')}/{SUCCESS_MARKER}"
+                parts.append([name, spec, run_dir.sha256(marker) if run_dir.exists(marker) else None])
             elif Path(spec).expanduser().is_dir():
                 parts.append([name, spec, encoder_fingerprint(str(Path(spec).expanduser()))])
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16] if parts else None

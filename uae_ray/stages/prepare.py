@@ -8,7 +8,6 @@ marks completion.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -28,7 +27,7 @@ from uae_ray.data.chunking import Windower, gold_windows
 from uae_ray.data.loaders import FILE_LOADERS, Chunk, DataError, LoadStats, Query, load_hf
 from uae_ray.data.splits import split_for_document
 from uae_ray.runtime import RunDir
-from uae_ray.storage import sha256_file
+from uae_ray.storage import file_sha256
 
 log = logging.getLogger("uae_ray")
 
@@ -210,16 +209,8 @@ def input_stamps(cfg: PrepareConfig) -> list[Any]:
         if not p.is_file():
             stamps.append([str(p), None])
             continue
-        st = p.stat()
-        stamps.append([name, st.st_size, _sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)])
+        stamps.append([name, p.stat().st_size, file_sha256(p)])
     return stamps
-
-
-@functools.lru_cache(maxsize=1024)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """:func:`uae_ray.storage.sha256_file`, read once per process while the file's (path, size, mtime) stay the
-    same: a step's freshness check and its run both stamp the inputs."""
-    return sha256_file(Path(path))
 
 
 def fingerprint(cfg: PrepareConfig) -> str:
