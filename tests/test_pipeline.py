@@ -272,6 +272,26 @@ def test_index_step_is_optional():
     assert steps["evaluate"].upstream == ("train-encoder", "score-reward", "label", "train-encoder-ablation")
 
 
+def test_reward_steps_are_optional_for_a_student_without_a_reward_model():
+    """train-reward and score-reward may be null when nothing reads their outputs (a student taught by the raw
+    utilities); the steps that read through them then depend on what they would have read (label, mine)."""
+    steps = {s.name: s for s in pipeline.plan(_cfg("train-reward=null", "score-reward=null",
+                                                   "train-encoder.teacher=utilities"))}
+    assert "train-reward" not in steps and "score-reward" not in steps
+    assert steps["train-encoder"].upstream == ("label", "mine")  # relabeling or remining makes the student stale
+    assert steps["evaluate"].upstream == ("train-encoder", "label", "mine", "train-encoder-ablation", "index")
+    full = {s.name: s for s in pipeline.plan(_cfg())}
+    assert full["train-encoder"].upstream == ("score-reward",)
+    # a step left reading what only a dropped step writes is a config error naming both
+    with pytest.raises(ConfigError, match=r"train-encoder reads .teacher_scores.parquet., which only score-reward "
+                                          r"writes, and score-reward is null .*teacher: utilities"):
+        _cfg("score-reward=null")
+    with pytest.raises(ConfigError, match="score-reward reads 'reward_model', which only train-reward writes"):
+        _cfg("train-reward=null")
+    with pytest.raises(ConfigError, match=r"mine reads .teacher_scores\.parquet."):
+        _cfg("train-reward=null", "score-reward=null", "train-encoder.teacher=utilities", "mine.reward_weight=0.5")
+
+
 def test_evaluate_students_are_inputs_and_stamped(tmp_path: Path):
     """`run:` students are inputs of the evaluate step (checked before Ray starts); their commit markers are part of
     the step's source fingerprint (a student retrained outside the pipeline makes the evaluation stale)."""

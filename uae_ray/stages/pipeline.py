@@ -47,7 +47,7 @@ from pydantic_core import to_jsonable_python
 from uae_ray.config import ActorPool, StageConfig, run_dir_name_problem
 from uae_ray.data import schema as S
 from uae_ray.runtime import RunDir
-from uae_ray.stages.registry import STAGES, STEPS, PipelineConfig, Stage, own_step_name, with_label
+from uae_ray.stages.registry import STAGES, STEP_SPECS, STEPS, PipelineConfig, Stage, own_step_name, with_label
 from uae_ray.storage import SUCCESS_MARKER
 
 log = logging.getLogger("uae_ray")
@@ -83,18 +83,27 @@ class Step:
 
 
 def plan(cfg: PipelineConfig) -> list[Step]:  # type: ignore[valid-type]
-    """The steps of ``cfg`` in order (a null optional section drops its step; an evaluate writing elsewhere than
+    """The steps of ``cfg`` in order (a null optional section drops its step, and the steps reading through a dropped
+    reward step depend on its upstream instead; an evaluate writing elsewhere than
     ``eval`` is the step ``evaluate-<output>``). Evaluate gets the label section's generator and prompt unless its own
     ``label`` is set."""
     present = [spec for spec in STEPS if getattr(cfg, spec.field) is not None]
     names = {spec.name for spec in present}
+
+    def upstream(of: tuple[str, ...]) -> list[str]:
+        # a dropped step stands aside for its own upstream: what it would have read still feeds what reads it
+        # (train-encoder without score-reward and train-reward reads label's utilities and mine's pools)
+        out: list[str] = []
+        for u in of:
+            out += [u] if u in names else upstream(STEP_SPECS[u].upstream) if STEP_SPECS[u].bypassed else []
+        return list(dict.fromkeys(out))
+
     steps = []
     for spec in present:
         config = getattr(cfg, spec.field)
         if spec.stage == "evaluate":
             config = with_label(config, cfg.label)
-        steps.append(Step(spec.name_for(config), STAGES[spec.stage], config,
-                          tuple(u for u in spec.upstream if u in names)))
+        steps.append(Step(spec.name_for(config), STAGES[spec.stage], config, tuple(upstream(spec.upstream))))
     return steps
 
 

@@ -64,6 +64,9 @@ class StepSpec:
     upstream: tuple[str, ...]  # steps whose outputs it reads (those absent from a pipeline are left out)
     default: StageConfig | None  # the section's default; None: the section is required
     optional: bool = False  # the section may be null (the step is then dropped)
+    # dropped, it stands aside: the steps reading it depend on its own upstream instead (a link of the chain, not a
+    # side branch like the index or the ablation, whose readers lose nothing upstream without them)
+    bypassed: bool = False
     # a config writing elsewhere than the default's is a step of its own (marker), `<name>-<output>`
     named_by_output: bool = False
 
@@ -141,8 +144,10 @@ STEPS: tuple[StepSpec, ...] = (
     StepSpec("prepare", "prepare", (), None),
     StepSpec("mine", "mine", ("prepare",), MineConfig()),
     StepSpec("label", "label", ("mine",), LabelConfig()),
-    StepSpec("train-reward", "train-reward", ("label",), TrainRewardConfig()),
-    StepSpec("score-reward", "score-reward", ("train-reward", "mine"), ScoreRewardConfig()),
+    # optional: a student taught by the raw utilities (teacher: utilities) or by gold alone needs no reward model
+    StepSpec("train-reward", "train-reward", ("label",), TrainRewardConfig(), optional=True, bypassed=True),
+    StepSpec("score-reward", "score-reward", ("train-reward", "mine"), ScoreRewardConfig(), optional=True,
+             bypassed=True),
     StepSpec("train-encoder", "train-encoder", ("score-reward",), TrainEncoderConfig()),
     StepSpec("train-encoder-ablation", "train-encoder", ("mine",),
              TrainEncoderConfig(loss="infonce", output=S.ENCODER_INFONCE), optional=True),
@@ -163,10 +168,36 @@ def with_label(cfg: EvaluateConfig, label: LabelConfig) -> EvaluateConfig:
     return cfg if cfg.label is not None else cfg.model_copy(update={"label": label})
 
 
+_HINTS = {("train-encoder", S.TEACHER_SCORES): " (a student without a reward model: train-encoder.teacher: utilities, "
+                                               "or loss: infonce)",
+          ("mine", S.TEACHER_SCORES): " (mine.reward_weight > 0 mixes in the reward model's scores)"}
+
+
 class _PipelineBase(StageConfig):
     """``uae-ray run``: every step's section; absent sections take defaults."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _dropped_steps_feed_nothing(self) -> _PipelineBase:
+        """A null section drops its step: no step left may read what only the dropped step writes (a student taught
+        by the reward model with ``score-reward: null``)."""
+        made: set[str] = set()
+        for spec in STEPS:
+            cfg = getattr(self, spec.field)
+            if cfg is not None:
+                made |= {o.rstrip("/") for o in STAGES[spec.stage].outputs(cfg)}
+        dropped = {o.rstrip("/"): spec.name for spec in STEPS if getattr(self, spec.field) is None
+                   and spec.default is not None for o in STAGES[spec.stage].outputs(spec.default)}
+        for spec in STEPS:
+            cfg = getattr(self, spec.field)
+            if cfg is None:
+                continue
+            for need in (i.rstrip("/") for i in STAGES[spec.stage].inputs(cfg)):
+                if need in dropped and need not in made:
+                    raise ValueError(f"{spec.name} reads {need!r}, which only {dropped[need]} writes, and "
+                                     f"{dropped[need]} is null" + _HINTS.get((spec.stage, need), ""))
+        return self
 
     @model_validator(mode="after")
     def _distinct_outputs(self) -> _PipelineBase:
