@@ -128,13 +128,18 @@ def _temp_writer(name: str) -> str | None:
     return name.split(_TEMP, 1)[1].rsplit("-", 1)[0]
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
+def _sha256_stream(f: Any) -> str:
+    """Hex SHA-256 of a binary stream, read in chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
+    while chunk := f.read(_HASH_CHUNK):
+        h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a local file, read in chunks."""
+    with open(path, "rb") as f:
+        return _sha256_stream(f)
 
 
 def file_sha256(path: Path) -> str:
@@ -340,11 +345,8 @@ class RunDir:
 
     def sha256(self, name: str) -> str:
         """Hex SHA-256 of file ``name`` (streamed in chunks from the local disk or the object store)."""
-        h = hashlib.sha256()
         with self.fs.open_input_stream(self.path(name)) as f:
-            while chunk := f.read(_HASH_CHUNK):
-                h.update(chunk)
-        return h.hexdigest()
+            return _sha256_stream(f)
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_text(name, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

@@ -61,7 +61,7 @@ class StepSpec:
 
     name: str
     stage: str
-    upstream: tuple[str, ...]  # steps whose outputs it reads (those absent from a pipeline are left out)
+    upstream: tuple[str, ...]  # steps it reads from (absent from a pipeline: left out; bypassed: its own upstream)
     default: StageConfig | None  # the section's default; None: the section is required
     optional: bool = False  # the section may be null (the step is then dropped)
     # dropped, it stands aside: the steps reading it depend on its own upstream instead (a link of the chain, not a
