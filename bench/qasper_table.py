@@ -31,23 +31,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from uae_ray.data.schema import UTILITIES
 from uae_ray.eval.report import retrieval_metrics
 from uae_ray.eval.stats import CONFIDENCE, N_RESAMPLES, compare_systems, comparisons_markdown
 
 RATIO_METRICS = ("recall@1", "mrr", "map")  # need no labels: recomputed from rankings + gold for every query
 PAIRED_METRICS = (*RATIO_METRICS, "exputil@1")
-ON_DEMAND = "utilities_on_demand.parquet"
 ARCHIVE_DEPTH = 10
 
 PerQuery = dict[str, dict[str, float | None]]  # qid -> metric -> value
 
 
-def load_reports(run_dir: Path, evals: list[str], setting: str
-                 ) -> tuple[dict[str, Any], dict[str, Path], list[str], list[dict[str, Any]]]:
-    """(system -> report summary, system -> rankings dir, the reports' compare_to references, the reports)."""
+def load_reports(run_dir: Path, evals: list[str], setting: str) -> tuple[
+        dict[str, Any], dict[str, Path], dict[str, dict[str, list[str]]], list[str], list[dict[str, Any]]]:
+    """(system -> report summary, system -> rankings dir, system -> qid -> ranked pids, the reports' compare_to
+    references, the reports)."""
     reports: list[dict[str, Any]] = []
     systems: dict[str, Any] = {}
     where: dict[str, Path] = {}
+    rankings: dict[str, dict[str, list[str]]] = {}
     references: list[str] = []
     for name in evals:
         report = json.loads((run_dir / name / "report.json").read_text())
@@ -57,13 +59,13 @@ def load_reports(run_dir: Path, evals: list[str], setting: str
             raise SystemExit(f"{run_dir / name / 'report.json'}: no {setting!r} setting")
         references += [r for r in report.get("comparison_method", {}).get("references", []) if r not in references]
         for system, summary in block["systems"].items():
+            ranking = _rankings(run_dir / name / "rankings", setting, system)
             if system in systems:
-                _check_same_rankings(_rankings(where[system], setting, system),
-                                     _rankings(run_dir / name / "rankings", setting, system),
+                _check_same_rankings(rankings[system], ranking,
                                      f"{system}: {where[system]} vs {run_dir / name / 'rankings'}")
                 continue
-            systems[system], where[system] = summary, run_dir / name / "rankings"
-    return systems, where, references, reports
+            systems[system], where[system], rankings[system] = summary, run_dir / name / "rankings", ranking
+    return systems, where, rankings, references, reports
 
 
 def _rankings(rankings_dir: Path, setting: str, system: str) -> dict[str, list[str]]:
@@ -93,7 +95,9 @@ def stored_labels(run_dir: Path, reports: list[dict[str, Any]]) -> dict[str, dic
     q = pq.read_table(run_dir / "queries.parquet", columns=["qid", "split"]).to_pydict()
     qids = stable_order([x for x, s in zip(q["qid"], q["split"], strict=True) if s == split], seed)[:max_queries]
     subset = set(qids[:max_util])
-    paths = ([run_dir / "utilities"] if (run_dir / "utilities").is_dir() else []) + \
+    from uae_ray.stages.evaluate import ON_DEMAND
+
+    paths = ([run_dir / UTILITIES] if (run_dir / UTILITIES).is_dir() else []) + \
         sorted(run_dir.glob(f"*/{ON_DEMAND}"))
     out: dict[str, dict[str, float]] = {}
     for path in paths:
@@ -260,11 +264,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    summaries, where, references, reports = load_reports(args.run_dir, args.evals, args.setting)
+    summaries, where, rankings, references, reports = load_reports(args.run_dir, args.evals, args.setting)
     queries = pq.read_table(args.run_dir / "queries.parquet", columns=["qid", "gold_pids"]).to_pylist()
     gold = {q["qid"]: set(q["gold_pids"]) for q in queries}
     labels = stored_labels(args.run_dir, reports) if reports else {}
-    rankings = {s: _rankings(where[s], args.setting, s) for s in summaries}
     metrics = {s: per_query(rankings[s], gold, labels) for s in summaries}
     for s in summaries:
         check_means(s, metrics[s], summaries[s])
