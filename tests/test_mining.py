@@ -1,4 +1,5 @@
-"""Mining: scope choice, FAISS search, gold insertion, reward mix, and the mine stage on a real Ray cluster."""
+"""Mining: scope choice, FAISS search, gold insertion, reward mix, answer-aware mining, and the mine stage on a real Ray
+cluster."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import pytest
 
 from uae_ray.config import MineConfig
 from uae_ray.data.schema import CANDIDATES, CANDIDATES_SCHEMA, CORPUS, CORPUS_SCHEMA, QUERIES, QUERIES_SCHEMA
-from uae_ray.mining import Pool, decide_scope, ensure_gold, mix_reward, search_ip, zscore
+from uae_ray.mining import (
+    Pool,
+    add_to_pool,
+    answer_bm25_top,
+    decide_scope,
+    ensure_gold,
+    mix_reward,
+    search_ip,
+    zscore,
+)
 from uae_ray.runtime import RunDir
 
 
@@ -55,6 +65,31 @@ def test_mix_reward_by_hand() -> None:
     zt = zscore(np.array([0.0, 1.0, 5.0]))
     expect = 0.5 * zb + 0.5 * np.array([*zt, zt.min()])
     np.testing.assert_allclose(mixed.scores, np.sort(expect)[::-1], rtol=1e-5)
+
+
+def test_answer_bm25_top_only_passages_sharing_an_answer_term() -> None:
+    texts = ["Apollo 11 landed on the Moon in July 1969.", "Neil Armstrong walked on the Moon.",
+             "Pasta is boiled in salted water.", "In July the Moon was full; July 1969 was busy."]
+    hits = answer_bm25_top(texts, ["july 1969", "neil armstrong", "", "zebra", "the"], 3)
+    assert set(hits[0]) == {0, 3} and len(hits[0]) == 2  # the other two share no answer term
+    assert hits[1] == [1]
+    assert hits[2] == [] and hits[3] == []  # no answer; an answer no passage contains
+    assert hits[4] == []  # a stopword alone matches nothing
+    assert answer_bm25_top(texts, ["moon"], 1) == [[1]]  # k caps; the shortest passage with the term first
+    assert answer_bm25_top([], ["moon"], 2) == [[]]
+
+
+def test_add_to_pool_grows_and_resorts_without_duplicates() -> None:
+    pool = Pool(np.array([4, 2]), np.array([0.9, 0.5], np.float32))
+    assert add_to_pool(pool, [2], [0.5]) is pool  # nothing new: unchanged
+    out = add_to_pool(pool, [7, 2, 8], [0.7, 0.5, 0.1])
+    assert out.rows.tolist() == [4, 7, 2, 8] and out.scores.tolist() == pytest.approx([0.9, 0.7, 0.5, 0.1])
+
+
+def test_answer_passages_do_not_combine_with_the_reward_mix() -> None:
+    assert MineConfig(answer_passages=2).answer_splits == ["train"]
+    with pytest.raises(ValueError, match="answer_passages and reward_weight"):
+        MineConfig(answer_passages=2, reward_weight=0.5)
 
 
 TOPICS = {
@@ -127,6 +162,39 @@ def test_mine_document_scope_gold_and_rerun(ray_session, tmp_path) -> None:
         top = f"{topic}#{int(cos.argmax())}"
         assert pools[f"q-{topic}"]["pid"] == top
         assert pools[f"q-{topic}"]["is_gold"] == (top == f"{topic}#{QUESTIONS[topic][1]}")
+
+
+@pytest.mark.slow
+def test_mine_answer_passages_join_train_pools_only(ray_session, tmp_path) -> None:
+    from uae_ray.models.encoder import encode, load_encoder
+    from uae_ray.stages import mine
+
+    rd = write_run(tmp_path, one_passage_docs=False)
+    q = rd.read_table(QUERIES).to_pylist()
+    answers = {"q-moon": ["July 1969"], "q-bird": ["Yes"], "q-cook": ["beaten eggs"]}
+    for row in q:
+        row["answers"] = answers[row["qid"]]
+    rd.write_table(QUERIES, pa.Table.from_pylist(q, schema=QUERIES_SCHEMA))
+    cfg = MineConfig(pool_size=1, insert_gold=["dev"], answer_passages=1,
+                     pool={"min_size": 1, "max_size": 1, "batch_size": 4})
+    report = mine.run(cfg, rd)
+    # q-moon (train): the dense top 1 plus the passage its answer names; q-bird (train): a yes/no answer matches
+    # nothing; q-cook (dev): not in answer_splits
+    assert report["answer_mining"] == {"queries": 2, "no_matchable_answer": 1, "no_passage_matches_answer": 0,
+                                       "pools_grown": 1, "passages_added": 1, "gold_added": 0}
+    cands = rd.read_table(CANDIDATES)
+    pools = {qid: cands.filter(pc.equal(cands["qid"], qid)).to_pylist() for qid in answers}
+    assert len(pools["q-bird"]) == 1 and len(pools["q-cook"]) == 1
+    model = load_encoder("all-minilm-l6-v2")
+    cos = encode(model, TOPICS["moon"]) @ encode(model, [QUESTIONS["moon"][0]])[0]
+    dense_top = int(cos.argmax())
+    assert dense_top != 0  # the test needs the answer's passage (moon#0) outside the dense top 1
+    moon = pools["q-moon"]
+    assert {r["pid"] for r in moon} == {f"moon#{dense_top}", "moon#0"}
+    assert [r["rank"] for r in moon] == [0, 1]
+    assert [r["base_score"] for r in moon] == sorted((r["base_score"] for r in moon), reverse=True)
+    added = next(r for r in moon if r["pid"] == "moon#0")
+    assert added["base_score"] == pytest.approx(float(cos[0]), abs=1e-2) and not added["is_gold"]
 
 
 @pytest.mark.slow

@@ -187,7 +187,20 @@ class MineConfig(StageConfig):
     # candidate). [dev]: train pools exactly as the base encoder retrieved them, with no passage annotation used
     # (UAE from answers alone, issue #15), while dev stays comparable with gold-inserted runs.
     insert_gold: list[Literal["train", "dev", "test"]] = Field(default_factory=lambda: ["train", "dev", "test"])
+    # answer-aware mining, no passage annotation read: the top N passages of the query's search scope by BM25 of its
+    # answer strings (yes/no-like answers match nothing) join the pools of answer_splits when the encoder missed them,
+    # ranked among the pool by their base cosine, so the generator labels passages the answer points at (DPR mines
+    # its positives with the answer the same way). 0: pools are the encoder's top pool_size only.
+    answer_passages: int = Field(0, ge=0)
+    answer_splits: list[Literal["train", "dev", "test"]] = Field(default_factory=lambda: ["train"])
     pool: ActorPool = ActorPool(batch_size=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> MineConfig:
+        if self.answer_passages > 0 and self.reward_weight > 0:
+            raise ValueError("answer_passages and reward_weight > 0 do not combine: the reward mix ranks the pool by "
+                             "mixed scores, answer passages join it by base cosine; set one of them")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------------- label

@@ -12,6 +12,11 @@ replaces the lowest-ranked non-gold candidate, and the pool is re-sorted by scor
 (a gold below every other candidate ranks last). Other splits' pools are exactly what the encoder retrieved (``is_gold``
 still marks golds that happen to be in them).
 
+Answer-aware mining (``answer_passages`` N > 0, the splits of ``answer_splits``): the top N passages of the
+query's search scope by BM25 of its answer strings join the pool when the encoder missed them, ranked among it by their
+base cosine (the pool grows to at most K + N). No passage annotation is read: the answer points at passages the
+generator then labels.
+
 Re-mining with the reward model (``reward_weight`` w > 0): the candidate set is the dense top-2K plus the previous
 pool; both the base cosine and the teacher score are z-scored within the query's set, a candidate without a teacher
 score gets the query's lowest teacher z, and the pool is the top K of ``(1 - w) z_base + w z_teacher``.
@@ -89,6 +94,47 @@ def ensure_gold(pool: Pool, gold_rows: Sequence[int], gold_scores: Sequence[floa
             rows[victim], scores[victim] = g, float(s)
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     return Pool(np.asarray(rows, np.int64)[order], np.asarray(scores, np.float32)[order])
+
+
+def answer_bm25_top(texts: Sequence[str], answer_queries: Sequence[str], k: int) -> list[list[int]]:
+    """Indices into ``texts`` of each answer query's top ``k`` by BM25 (``bm25s``, English stopwords), best first.
+
+    Only passages sharing at least one answer term (BM25 score > 0) are returned, so an answer whose words are in no
+    passage gets ``[]``, as does an empty query.
+
+    Args:
+        texts: the passages searched (one query's document, or its split of the corpus).
+        answer_queries: one string per query: its answer strings joined by spaces ("" for none).
+        k: passages per query.
+    """
+    import bm25s
+
+    if k <= 0 or not texts:
+        return [[] for _ in answer_queries]
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
+    out: list[list[int]] = []
+    for query in answer_queries:
+        tokens = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0] if query else []
+        if not tokens:
+            out.append([])
+            continue
+        scores = np.asarray(retriever.get_scores(tokens), np.float64)
+        order = np.argsort(-scores, kind="stable")[:k]
+        out.append([int(i) for i in order if scores[i] > 0])
+    return out
+
+
+def add_to_pool(pool: Pool, rows: Sequence[int], scores: Sequence[float]) -> Pool:
+    """``pool`` plus the ``rows`` it lacks (with their ranking ``scores``), re-sorted by score; the pool grows."""
+    have = set(pool.rows.tolist())
+    extra = [(int(r), float(s)) for r, s in zip(rows, scores, strict=True) if int(r) not in have]
+    if not extra:
+        return pool
+    all_rows = np.concatenate([pool.rows, np.asarray([r for r, _ in extra], np.int64)])
+    all_scores = np.concatenate([pool.scores.astype(np.float64), np.asarray([s for _, s in extra], np.float64)])
+    order = np.argsort(-all_scores, kind="stable")
+    return Pool(all_rows[order].astype(np.int64), all_scores[order].astype(np.float32))
 
 
 def zscore(x: np.ndarray) -> np.ndarray:

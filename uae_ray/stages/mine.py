@@ -22,8 +22,18 @@ import pyarrow.compute as pc
 
 from uae_ray.config import MineConfig
 from uae_ray.data.schema import CANDIDATES, CORPUS, MINE_REPORT, QUERIES, TEACHER_SCORES
-from uae_ray.mining import Pool, decide_scope, ensure_gold, mix_reward, pools_to_table, search_ip
+from uae_ray.mining import (
+    Pool,
+    add_to_pool,
+    answer_bm25_top,
+    decide_scope,
+    ensure_gold,
+    mix_reward,
+    pools_to_table,
+    search_ip,
+)
 from uae_ray.runtime import RunDir, split_blocks
+from uae_ray.training.data import answer_patterns
 
 log = logging.getLogger("uae_ray")
 
@@ -88,7 +98,8 @@ def run(cfg: MineConfig, run_dir: RunDir) -> dict[str, Any]:
     ensure_ray()
     t0 = time.perf_counter()
     corpus = run_dir.read_table(CORPUS, columns=["pid", "doc_id", "text"])
-    queries = run_dir.read_table(QUERIES, columns=["qid", "doc_id", "question", "gold_pids", "split"])
+    q_columns = ["qid", "doc_id", "question", "gold_pids", "split"] + (["answers"] if cfg.answer_passages else [])
+    queries = run_dir.read_table(QUERIES, columns=q_columns)
     queries = queries.filter(pc.is_in(queries["split"], pa.array(cfg.splits)))
     pids: list[str] = corpus["pid"].to_pylist()
     pid_row = {p: i for i, p in enumerate(pids)}
@@ -130,6 +141,11 @@ def run(cfg: MineConfig, run_dir: RunDir) -> dict[str, Any]:
         row_split = [doc_split.get(d) for d in doc_of_row]
         allowed = {s: np.asarray([r for r, rs in enumerate(row_split) if rs in (s, None)], np.int64) for s in groups}
 
+    answer_text: list[str] = []  # per query: its matchable answer strings joined ("" for none)
+    if cfg.answer_passages:
+        answer_text = [" ".join(answer_patterns(a)) for a in queries["answers"].to_pylist()]
+    texts_all: list[str] = corpus["text"].to_pylist() if cfg.answer_passages else []
+    answer_counts: Counter[str] = Counter()
     pools: list[Pool | None] = [None] * len(qids)
     dense_gold_hits = 0
     n_gold = 0
@@ -140,6 +156,13 @@ def run(cfg: MineConfig, run_dir: RunDir) -> dict[str, Any]:
             skipped["no_passages_in_scope"] += len(members)
             continue
         scores, idx = search_ip(p_vecs[rows], q_vecs[members], depth)
+        by_answer: list[list[int]] = [[] for _ in members]
+        want = [j for j, qi in enumerate(members) if cfg.answer_passages and q_splits[qi] in cfg.answer_splits]
+        if want:
+            found = answer_bm25_top([texts_all[r] for r in rows.tolist()], [answer_text[members[j]] for j in want],
+                                    cfg.answer_passages)
+            for j, hits in zip(want, found, strict=True):
+                by_answer[j] = [int(rows[h]) for h in hits]
         for j, qi in enumerate(members):
             cand = rows[idx[j]]
             if mix:
@@ -157,6 +180,16 @@ def run(cfg: MineConfig, run_dir: RunDir) -> dict[str, Any]:
             else:  # the pool as the encoder retrieved it: no passage annotation goes into it
                 pools[qi] = pool
                 without_insertion += 1
+            if cfg.answer_passages and q_splits[qi] in cfg.answer_splits:
+                grown = add_to_pool(pools[qi], by_answer[j], [float(p_vecs[r] @ q_vecs[qi]) for r in by_answer[j]])
+                added = set(grown.rows.tolist()) - set(pools[qi].rows.tolist())  # type: ignore[union-attr]
+                pools[qi] = grown
+                answer_counts["queries"] += 1
+                answer_counts["no_matchable_answer"] += not answer_text[qi]
+                answer_counts["no_passage_matches_answer"] += bool(answer_text[qi]) and not by_answer[j]
+                answer_counts["pools_grown"] += bool(added)
+                answer_counts["passages_added"] += len(added)
+                answer_counts["gold_added"] += len(added & set(golds))
     kept = [i for i, p in enumerate(pools) if p is not None]
     cosine = [p_vecs[pools[i].rows] @ q_vecs[i] for i in kept]  # type: ignore[union-attr]
     table = pools_to_table([qids[i] for i in kept], [pools[i] for i in kept], pids, cosine,  # type: ignore[misc]
@@ -183,6 +216,12 @@ def run(cfg: MineConfig, run_dir: RunDir) -> dict[str, Any]:
         "gold_recall_before_insertion": round(dense_gold_hits / n_gold, 4) if n_gold else None,
         "gold_at_rank0": round(gold_first / max(1, len(kept)), 4),
         "teacher_scored_queries": len(teacher) if mix else None,
+        # answer-aware mining: queries of answer_splits, how many pools grew and by how many passages; gold_added
+        # (annotated evidence the answer search found and the encoder missed) is read from the annotation only here,
+        # as a yardstick
+        "answer_passages": cfg.answer_passages,
+        "answer_splits": list(cfg.answer_splits) if cfg.answer_passages else [],
+        "answer_mining": dict(answer_counts) if cfg.answer_passages else None,
         "passages_encoded": len(pids),
         "encode_passages_per_s": round((len(pids) + len(qids)) / max(enc_s, 1e-9), 1),
         "seconds": round(time.perf_counter() - t0, 2),
