@@ -23,6 +23,7 @@ from uae_ray.data.schema import (
     CANDIDATES,
     CORPUS,
     LABEL_BASELINE,
+    LABEL_BASELINE_SCHEMA,
     LABEL_CACHE,
     LABEL_CACHE_SCHEMA,
     LABEL_SKIPPED,
@@ -78,7 +79,8 @@ def test_edited_passage_then_edited_answers_relabel_exactly_their_pairs(labeled_
     r = label.run(CFG, rd)
     assert (r["reused"], r["new"], r["unaccounted"]) == (12, 4, 0)
     assert r["this_run"]["labeled"] == 3 and r["this_run"]["skipped"] == {"empty_answer": 1}
-    assert r["this_run"]["baseline"] == {"needed": 4, "reused": 4, "new": 0}  # no question or answer changed
+    # no question or answer changed
+    assert r["this_run"]["baseline"] == {"needed": 4, "reused": 4, "new": 0, "from_other_run_dirs": 0}
     assert r["cache"] == {"rows": 20, "orphaned": 4, "orphaned_other_settings": 0}  # the old p1 rows
     after = _view(rd)
     assert set(after) == set(before)
@@ -93,7 +95,7 @@ def test_edited_passage_then_edited_answers_relabel_exactly_their_pairs(labeled_
     r = label.run(CFG, rd)
     assert (r["reused"], r["new"]) == (12, 4)
     assert r["this_run"]["labeled"] == 4 and r["this_run"]["skipped"] == {}
-    assert r["this_run"]["baseline"] == {"needed": 1, "reused": 0, "new": 1}
+    assert r["this_run"]["baseline"] == {"needed": 1, "reused": 0, "new": 1, "from_other_run_dirs": 0}
     assert r["labeled"] == N_PAIRS and r["skipped"] == {}  # a skip made for other answers is no skip now
     assert r["cache"]["orphaned"] == 8
     again = _view(rd)
@@ -117,7 +119,7 @@ def test_numeric_setting_changes_relabel_everything_and_never_mix(labeled_run, t
     qasper = CFG.model_copy(update={"prompt": "qasper"})
     r = label.run(qasper, rd)
     assert (r["reused"], r["new"], r["labeled"], r["skipped"]) == (0, N_PAIRS, 12, {"empty_answer": 4})
-    assert r["this_run"]["baseline"] == {"needed": 4, "reused": 0, "new": 4}
+    assert r["this_run"]["baseline"] == {"needed": 4, "reused": 0, "new": 4, "from_other_run_dirs": 0}
     assert r["cache"] == {"rows": 32, "orphaned": 16, "orphaned_other_settings": 16}
     view = _view(rd)
     assert {row["prompt_version"] for row in view.values()} == {r["prompt_version"]}
@@ -127,7 +129,7 @@ def test_numeric_setting_changes_relabel_everything_and_never_mix(labeled_run, t
     bf16 = CFG.model_copy(update={"dtype": "bfloat16"})
     r = label.run(bf16, rd)
     assert (r["reused"], r["new"], r["dtype"]) == (0, N_PAIRS, "bfloat16")
-    assert r["this_run"]["baseline"] == {"needed": 4, "reused": 0, "new": 4}
+    assert r["this_run"]["baseline"] == {"needed": 4, "reused": 0, "new": 4, "from_other_run_dirs": 0}
     util = rd.read_table(UTILITIES)
     base = rd.read_table(LABEL_BASELINE)
     base = base.filter(pc.equal(base["settings"], r["settings"]))
@@ -185,33 +187,44 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.slow
 def test_reuse_from_takes_the_pairs_another_run_dir_labeled(labeled_run, tmp_path) -> None:
-    """Run dir B with ``reuse_from: [A]`` labels only what A has not: A's rows are copied into B's own cache (B stays
-    whole once A is gone), bit-identical, and A is never written."""
+    """Run dir B with ``reuse_from: [A]`` labels only what A has not: A's labels and the no-passage terms B's new pairs
+    share with A are copied into B's own run dir (B stays whole once A is gone), bit-identical, and A is never
+    written."""
     from uae_ray.stages import label
 
     a = _copy(labeled_run, tmp_path)  # A: q0..q3 x p0..p3 labeled (q3: empty answers, 4 skips)
     a_before, a_view = _snapshot(tmp_path / "run"), _view(a)
-    # B: q0..q2 as in A; q3 now has an answer (Jupiter) and q4 (Hamlet) has only empty answers: both new to A
-    b, n = write_label_run(tmp_path / "b", n_queries=5)
-    assert n == 20
+    a_terms = {r["fingerprint"]: r for r in label.read_parts(a, LABEL_BASELINE, LABEL_BASELINE_SCHEMA).to_pylist()}
+    # B: q0..q2 as in A, each with a fifth passage p4; q3 now has an answer (Jupiter) and q4 (Hamlet) has only empty
+    # answers: both new to A
+    b, n = write_label_run(tmp_path / "b", n_queries=5, n_passages=5)
+    assert n == 25
     a_dir = str((tmp_path / "run").resolve())
     r = label.run(CFG.model_copy(update={"reuse_from": [str(tmp_path / "run")]}), b)
     assert r["reused_from_other_run_dirs"] == {a_dir: 12}
-    assert (r["pairs"], r["reused"], r["new"], r["unaccounted"]) == (20, 12, 8, 0)
-    assert r["this_run"]["labeled"] == 4 and r["this_run"]["skipped"] == {"empty_answer": 4}
-    assert r["this_run"]["baseline"] == {"needed": 2, "reused": 0, "new": 2}  # only q3's and q4's terms
-    assert r["labeled"] == 16 and r["skipped"] == {"empty_answer": 4}
+    assert (r["pairs"], r["reused"], r["new"], r["unaccounted"]) == (25, 12, 13, 0)
+    assert r["this_run"]["labeled"] == 8 and r["this_run"]["skipped"] == {"empty_answer": 5}
+    # q0..q2 x p4 need q0..q2's no-passage terms: copied from A, not recomputed; only q3's and q4's are new
+    assert r["this_run"]["baseline"] == {"needed": 5, "reused": 3, "new": 2, "from_other_run_dirs": 3}
+    assert r["labeled"] == 20 and r["skipped"] == {"empty_answer": 5}
     cache = label.read_parts(b, LABEL_CACHE, LABEL_CACHE_SCHEMA)
-    assert cache.num_rows == 20 and len(set(cache["fingerprint"].to_pylist())) == 20  # 12 copied + 8 new, once each
+    assert cache.num_rows == 25 and len(set(cache["fingerprint"].to_pylist())) == 25  # 12 copied + 13 new, once each
+    b_terms = {r["fingerprint"]: r for r in label.read_parts(b, LABEL_BASELINE, LABEL_BASELINE_SCHEMA).to_pylist()}
+    shared = set(a_terms) & set(b_terms)
+    assert len(shared) == 3 and len(b_terms) == 5
+    assert all(b_terms[fp] == a_terms[fp] for fp in shared)  # copied bit for bit (float32 logp lists)
     b_view = _view(b)
     for key, row in a_view.items():
         if key[0] != "q3":
             assert b_view[key] == row, key  # taken as is: same fingerprint, bit-identical numbers
+    for q in ("q0", "q1", "q2"):  # the new pairs are labeled against A's no-passage term
+        term = next(t for t in a_terms.values() if t["qid"] == q)
+        assert b_view[(q, "p4")]["logp_without"] == pytest.approx(term["logp"][0], abs=1e-6)
     assert _snapshot(tmp_path / "run") == a_before  # A: read, never written (no part, no lease, no temp)
     # B is self-contained: with A gone it relabels nothing
     shutil.rmtree(tmp_path / "run")
     r = label.run(CFG, b)
-    assert (r["reused"], r["new"], r["reused_from_other_run_dirs"], r["this_run"]["tokens"]) == (20, 0, {}, 0)
+    assert (r["reused"], r["new"], r["reused_from_other_run_dirs"], r["this_run"]["tokens"]) == (25, 0, {}, 0)
     assert _view(b) == b_view
 
 
@@ -260,7 +273,7 @@ def test_reuse_from_copies_another_run_dirs_labels_into_this_cache(tmp_path) -> 
     assert (r["pairs"], r["reused"], r["new"], r["unaccounted"]) == (N_PAIRS, N_PAIRS, 0, 0)
     assert (r["labeled"], r["skipped"]) == (12, {"empty_answer": 4})
     assert r["this_run"]["labeled"] == 0 and r["this_run"]["tokens"] == 0
-    assert r["this_run"]["baseline"] == {"needed": 0, "reused": 0, "new": 0}
+    assert r["this_run"]["baseline"] == {"needed": 0, "reused": 0, "new": 0, "from_other_run_dirs": 0}
     assert r["cache"] == {"rows": N_PAIRS, "orphaned": 0, "orphaned_other_settings": 0}
     # copied into B's own cache, once per fingerprint (A's duplicate row dropped), in parts of rows_per_part (5)
     parts = b.listdir(LABEL_CACHE)

@@ -122,9 +122,9 @@ def other_uri(uri: str, like: RunDir | None = None) -> str:
 
 
 def other_cache(uri: str, like: RunDir | None = None) -> tuple[pafs.FileSystem, str, str]:
-    """(filesystem, path of its ``label_cache/``, display name) of the ``reuse_from`` run dir ``uri`` (a path or a
-    URI, as :class:`RunDir` takes it; see :func:`other_uri`), opened read only: unlike ``RunDir(uri)`` this creates
-    nothing there.
+    """(filesystem, path of the run dir, display name) of the ``reuse_from`` run dir ``uri`` (a path or a URI, as
+    :class:`RunDir` takes it; see :func:`other_uri`), checked to hold labels in ``label_cache/`` and opened read only:
+    unlike ``RunDir(uri)`` this creates nothing there.
 
     Raises:
         FileNotFoundError: naming ``uri`` when the run dir does not exist or its ``label_cache/`` holds no part.
@@ -142,14 +142,21 @@ def other_cache(uri: str, like: RunDir | None = None) -> tuple[pafs.FileSystem, 
     if not _part_names(fs, path):
         raise FileNotFoundError(f"label.reuse_from: run dir {shown!r} has no labels in {LABEL_CACHE}/ (run label "
                                 "there first, or drop it from reuse_from)")
-    return fs, path, shown
+    return fs, root.rstrip("/"), shown
 
 
 def read_other_cache(uri: str, fingerprints: Iterable[str] | None = None, like: RunDir | None = None) -> pa.Table:
     """The ``label_cache/`` rows of another run dir (all, or those of ``fingerprints``), read the way this run dir's
     own cache is read; nothing there is written or leased. Errors as :func:`other_cache`."""
-    fs, path, _ = other_cache(uri, like)
-    return _read_parts_at(fs, path, LABEL_CACHE_SCHEMA, fingerprints)
+    fs, root, _ = other_cache(uri, like)
+    return _read_parts_at(fs, f"{root}/{LABEL_CACHE}", LABEL_CACHE_SCHEMA, fingerprints)
+
+
+def read_other_baselines(uri: str, fingerprints: Iterable[str], like: RunDir | None = None) -> pa.Table:
+    """The ``label_baseline/`` rows (no-passage terms) of ``fingerprints`` in another run dir, read only (empty when
+    it has none). Errors as :func:`other_cache`."""
+    fs, root, _ = other_cache(uri, like)
+    return _read_parts_at(fs, f"{root}/{LABEL_BASELINE}", LABEL_BASELINE_SCHEMA, fingerprints)
 
 
 def other_run_dirs(run_dir: RunDir, uris: Sequence[str]) -> list[str]:
@@ -244,19 +251,48 @@ def select_pairs(run_dir: RunDir, cfg: LabelConfig) -> tuple[pa.Table, pa.Table,
     return queries, cands.append_column("text", text), budget
 
 
+def _copy_other_baselines(run_dir: RunDir, others: Sequence[str], wanted: list[str], parts: PartWriter,
+                          rows_per_part: int) -> pa.Table:
+    """The no-passage terms of ``wanted`` (baseline fingerprints) that the ``reuse_from`` run dirs ``others`` hold,
+    the first dir that has one winning, copied into this run dir's ``label_baseline/`` by ``parts`` (as the labels
+    are: the run dir stays self-contained)."""
+    tables: list[pa.Table] = []
+    for uri in others:
+        if not wanted:
+            break
+        other = read_other_baselines(uri, wanted, run_dir)
+        index = first_index(other["fingerprint"].to_pylist())
+        rows = other.take(pa.array(list(index.values()), pa.int64()))
+        for i in range(0, rows.num_rows, rows_per_part):
+            parts.write(rows.slice(i, rows_per_part))
+        if rows.num_rows:
+            tables.append(rows)
+            log.info("label: %d no-passage term(s) copied from %s", rows.num_rows, display_uri(other_uri(uri, run_dir)))
+        wanted = [fp for fp in wanted if fp not in index]
+    return pa.concat_tables(tables) if tables else LABEL_BASELINE_SCHEMA.empty_table()
+
+
 def _ensure_baseline(
     run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, pending: pa.Table, ctx: dict[str, str],
-    vllm_pass: Any = None,
+    vllm_pass: Any = None, others: Sequence[str] = (),
 ) -> tuple[pa.Table, dict[str, int], int, dict[str, str]]:
-    """The baseline rows the ``pending`` pairs need (computing only the fingerprints ``label_baseline/`` lacks),
-    counts {needed, reused, new}, tokens used, and {baseline fingerprint: error} of the terms the vLLM engine failed
-    on (their pairs are skipped this run, not cached). ``vllm_pass``: the vllm backend's one engine pass
-    (:class:`~uae_ray.labeling.vllm_scorer.VLLMPass`), which scores these terms first."""
+    """The baseline rows the ``pending`` pairs need (computing only the fingerprints that neither ``label_baseline/``
+    nor the ``reuse_from`` run dirs ``others`` hold; those are copied here), counts {needed, reused, new,
+    from_other_run_dirs} (reused counts the copied ones too), tokens used, and {baseline fingerprint: error} of the
+    terms the vLLM engine failed on (their pairs are skipped this run, not cached). ``vllm_pass``: the vllm backend's
+    one engine pass (:class:`~uae_ray.labeling.vllm_scorer.VLLMPass`), which scores these terms first."""
     have = read_parts(run_dir, LABEL_BASELINE, LABEL_BASELINE_SCHEMA)
     have_fp = first_index(have["fingerprint"].to_pylist())
     need = first_index(pending["baseline_fp"].to_pylist())  # baseline fp -> first pending pair needing it
+    parts = PartWriter(run_dir, LABEL_BASELINE, ctx["writer"])
+    copied = _copy_other_baselines(run_dir, others, [fp for fp in need if fp not in have_fp], parts,
+                                   cfg.rows_per_part)
+    if copied.num_rows:
+        have = pa.concat_tables([have, copied])
+        have_fp = first_index(have["fingerprint"].to_pylist())
     todo_fp = [fp for fp in need if fp not in have_fp]
-    counts = {"needed": len(need), "reused": len(need) - len(todo_fp), "new": len(todo_fp)}
+    counts = {"needed": len(need), "reused": len(need) - len(todo_fp), "new": len(todo_fp),
+              "from_other_run_dirs": copied.num_rows}
     tokens, tables, failed = 0, [have], {}
     if todo_fp:
         q_row = {q: i for i, q in enumerate(queries["qid"].to_pylist())}
@@ -264,7 +300,6 @@ def _ensure_baseline(
         rows = pa.array([q_row[pending_qid[need[fp]]] for fp in todo_fp], pa.int64())
         todo = queries.select(["qid", "question", "answers"]).take(rows)
         log.info("label: no-passage terms for %d question/answer sets (%d reused)", len(todo_fp), counts["reused"])
-        parts = PartWriter(run_dir, LABEL_BASELINE, ctx["writer"])
         if vllm_pass is not None:
             got = vllm_pass.baseline(todo)
             tokens, failed = got.tokens, got.failed
@@ -307,12 +342,14 @@ def _map_on_actor_pool(table: pa.Table, udf: type, cfg: LabelConfig, n_blocks: i
 
 
 def _label_pending(
-    run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, pending: pa.Table, ctx: dict[str, str], parts: PartWriter
+    run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, pending: pa.Table, ctx: dict[str, str], parts: PartWriter,
+    others: Sequence[str] = (),
 ) -> tuple[list[pa.Table], dict[str, Any]]:
-    """Label the ``pending`` pairs (one per fingerprint) into new cache parts written by ``parts``; (new tables, this
-    run's counts)."""
+    """Label the ``pending`` pairs (one per fingerprint) into new cache parts written by ``parts``, no-passage terms
+    taken from this run dir or the ``reuse_from`` run dirs ``others`` where they exist; (new tables, this run's
+    counts)."""
     stats: dict[str, Any] = {"labeled": 0, "skipped": Counter(), "duplicates_dropped": 0, "tokens": 0,
-                             "baseline": {"needed": 0, "reused": 0, "new": 0}}
+                             "baseline": {"needed": 0, "reused": 0, "new": 0, "from_other_run_dirs": 0}}
     if not pending.num_rows:
         return [], stats
     pending_q = queries.filter(pc.is_in(queries["qid"], pending["qid"]))
@@ -322,7 +359,7 @@ def _label_pending(
 
         vllm_pass = VLLMPass(cfg, ctx, pair_requests(pending, pending_q, cfg.answer_aggregate))
     baseline, stats["baseline"], stats["tokens"], failed = _ensure_baseline(run_dir, cfg, pending_q, pending, ctx,
-                                                                            vllm_pass)
+                                                                            vllm_pass, others)
     if failed:  # the engine failed on their no-passage term: reported as skips, not cached (a rerun retries them)
         lost = pc.is_in(pending["baseline_fp"], pa.array(list(failed), pa.string()))
         stats["skipped"][SKIP_INFERENCE_ERROR] += int(pc.sum(lost).as_py() or 0)
@@ -458,7 +495,7 @@ def run(cfg: LabelConfig, run_dir: RunDir) -> dict[str, Any]:
     log.info("label: %d pairs (%d distinct contents), %d reused from %s (%d of them from other run dirs), %d to "
              "label", pairs.num_rows, len(seen), reused, LABEL_CACHE, sum(from_others.values()), pending.num_rows)
     t0 = time.perf_counter()
-    new, stats = _label_pending(run_dir, cfg, queries, pending, ctx, cache_parts)
+    new, stats = _label_pending(run_dir, cfg, queries, pending, ctx, cache_parts, others)
     elapsed = time.perf_counter() - t0
     cache = pa.concat_tables([cache, *new])
     labeled, skipped, unaccounted = write_view(run_dir, pairs, cache)
