@@ -145,18 +145,16 @@ def other_cache(uri: str, like: RunDir | None = None) -> tuple[pafs.FileSystem, 
     return fs, root.rstrip("/"), shown
 
 
-def read_other_cache(uri: str, fingerprints: Iterable[str] | None = None, like: RunDir | None = None) -> pa.Table:
-    """The ``label_cache/`` rows of another run dir (all, or those of ``fingerprints``), read the way this run dir's
-    own cache is read; nothing there is written or leased. Errors as :func:`other_cache`."""
-    fs, root, _ = other_cache(uri, like)
-    return _read_parts_at(fs, f"{root}/{LABEL_CACHE}", LABEL_CACHE_SCHEMA, fingerprints)
+_SCHEMAS = {LABEL_CACHE: LABEL_CACHE_SCHEMA, LABEL_BASELINE: LABEL_BASELINE_SCHEMA}
 
 
-def read_other_baselines(uri: str, fingerprints: Iterable[str], like: RunDir | None = None) -> pa.Table:
-    """The ``label_baseline/`` rows (no-passage terms) of ``fingerprints`` in another run dir, read only (empty when
-    it has none). Errors as :func:`other_cache`."""
+def read_other_cache(uri: str, fingerprints: Iterable[str] | None = None, like: RunDir | None = None,
+                     name: str = LABEL_CACHE) -> pa.Table:
+    """The rows of directory ``name`` (``label_cache/``, or ``label_baseline/``: the no-passage terms) of another run
+    dir (all, or those of ``fingerprints``), read the way this run dir's own are read (empty when it has none);
+    nothing there is written or leased. Errors as :func:`other_cache`."""
     fs, root, _ = other_cache(uri, like)
-    return _read_parts_at(fs, f"{root}/{LABEL_BASELINE}", LABEL_BASELINE_SCHEMA, fingerprints)
+    return _read_parts_at(fs, f"{root}/{name}", _SCHEMAS[name], fingerprints)
 
 
 def other_run_dirs(run_dir: RunDir, uris: Sequence[str]) -> list[str]:
@@ -251,27 +249,6 @@ def select_pairs(run_dir: RunDir, cfg: LabelConfig) -> tuple[pa.Table, pa.Table,
     return queries, cands.append_column("text", text), budget
 
 
-def _copy_other_baselines(run_dir: RunDir, others: Sequence[str], wanted: list[str], parts: PartWriter,
-                          rows_per_part: int) -> pa.Table:
-    """The no-passage terms of ``wanted`` (baseline fingerprints) that the ``reuse_from`` run dirs ``others`` hold,
-    the first dir that has one winning, copied into this run dir's ``label_baseline/`` by ``parts`` (as the labels
-    are: the run dir stays self-contained)."""
-    tables: list[pa.Table] = []
-    for uri in others:
-        if not wanted:
-            break
-        other = read_other_baselines(uri, wanted, run_dir)
-        index = first_index(other["fingerprint"].to_pylist())
-        rows = other.take(pa.array(list(index.values()), pa.int64()))
-        for i in range(0, rows.num_rows, rows_per_part):
-            parts.write(rows.slice(i, rows_per_part))
-        if rows.num_rows:
-            tables.append(rows)
-            log.info("label: %d no-passage term(s) copied from %s", rows.num_rows, display_uri(other_uri(uri, run_dir)))
-        wanted = [fp for fp in wanted if fp not in index]
-    return pa.concat_tables(tables) if tables else LABEL_BASELINE_SCHEMA.empty_table()
-
-
 def _ensure_baseline(
     run_dir: RunDir, cfg: LabelConfig, queries: pa.Table, pending: pa.Table, ctx: dict[str, str],
     vllm_pass: Any = None, others: Sequence[str] = (),
@@ -285,8 +262,8 @@ def _ensure_baseline(
     have_fp = first_index(have["fingerprint"].to_pylist())
     need = first_index(pending["baseline_fp"].to_pylist())  # baseline fp -> first pending pair needing it
     parts = PartWriter(run_dir, LABEL_BASELINE, ctx["writer"])
-    copied = _copy_other_baselines(run_dir, others, [fp for fp in need if fp not in have_fp], parts,
-                                   cfg.rows_per_part)
+    copied, _ = reuse_other_caches(run_dir, others, [fp for fp in need if fp not in have_fp], parts,
+                                   cfg.rows_per_part, LABEL_BASELINE)
     if copied.num_rows:
         have = pa.concat_tables([have, copied])
         have_fp = first_index(have["fingerprint"].to_pylist())
@@ -433,12 +410,13 @@ def write_view(run_dir: RunDir, pairs: pa.Table, cache: pa.Table) -> tuple[pa.Ta
 
 
 def reuse_other_caches(
-    run_dir: RunDir, uris: Sequence[str], missing: Sequence[str], parts: PartWriter, rows_per_part: int
+    run_dir: RunDir, uris: Sequence[str], missing: Sequence[str], parts: PartWriter, rows_per_part: int,
+    name: str = LABEL_CACHE,
 ) -> tuple[pa.Table, dict[str, set[str]]]:
-    """The cache rows of the fingerprints ``missing`` (wanted, not in this run dir's cache) that the other run dirs
-    ``uris`` hold (:func:`other_run_dirs`), the first dir that has one winning, copied into this run dir's
-    ``label_cache/`` by ``parts``, so the run dir stays self-contained when the other one goes. Returns (the copied
-    rows, {dir: the fingerprints taken from it})."""
+    """The rows of directory ``name`` (``label_cache/`` or ``label_baseline/``) of the fingerprints ``missing``
+    (wanted, not in this run dir's) that the other run dirs ``uris`` hold (:func:`other_run_dirs`), the first dir that
+    has one winning, copied into this run dir's ``name`` by ``parts``, so the run dir stays self-contained when the
+    other one goes. Returns (the copied rows, {dir: the fingerprints taken from it})."""
     wanted = list(dict.fromkeys(missing))
     taken: dict[str, set[str]] = {}
     tables: list[pa.Table] = []
@@ -447,17 +425,17 @@ def reuse_other_caches(
         taken[shown] = set()
         if not wanted:
             continue
-        other = read_other_cache(uri, wanted, run_dir)
-        index = first_index(other["fingerprint"].to_pylist())  # one row per fingerprint, as in this run dir's cache
+        other = read_other_cache(uri, wanted, run_dir, name)
+        index = first_index(other["fingerprint"].to_pylist())  # one row per fingerprint, as in this run dir's
         rows = other.take(pa.array(list(index.values()), pa.int64()))
         for i in range(0, rows.num_rows, rows_per_part):
             parts.write(rows.slice(i, rows_per_part))
         if rows.num_rows:
             tables.append(rows)
             taken[shown].update(index)
-            log.info("label: %d cached label(s) copied from %s", rows.num_rows, shown)
+            log.info("label: %d row(s) of %s/ copied from %s", rows.num_rows, name, shown)
         wanted = [fp for fp in wanted if fp not in index]
-    return (pa.concat_tables(tables) if tables else LABEL_CACHE_SCHEMA.empty_table()), taken
+    return (pa.concat_tables(tables) if tables else _SCHEMAS[name].empty_table()), taken
 
 
 def run(cfg: LabelConfig, run_dir: RunDir) -> dict[str, Any]:
